@@ -1,0 +1,302 @@
+"""Typed schema of a capo_dist run and its validation.
+
+Hydra composes `conf/` on top of these dataclasses (registered in the
+ConfigStore as `capo_schema`), so every key has a type and a default and a
+typo fails at composition. `validate` then checks the values that a type
+cannot (vote names, group sizes, paths, GPU counts) and fails with a message
+that names the key, the bad value and what would be accepted — before Ray
+or any actor starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+VOTE_MODES = ("intersection", "majority", "union", "average")
+ADVANTAGE_MODES = ("group_token", "group_response", "no_std")
+JUDGE_BACKENDS = ("vllm", "hf", "openai", "symbolic")
+ROLLOUT_BACKENDS = ("vllm", "hf")
+SYNC_TRANSPORTS = ("object_store", "nccl")
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names key, value and fix."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the policy built locally when `model.path` is null (CPU default)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    vocab_size: int = 2048
+
+
+@dataclass
+class ModelConfig:
+    """The policy. `path`: a local HF checkpoint dir or a hub id; null builds a tiny one."""
+
+    path: str | None = None
+    dtype: str = "float32"
+    build_dir: str = "${oc.env:HOME,/tmp}/.cache/capo_dist/models"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class DataConfig:
+    """Training prompts: a JSONL file (GSM8K-style), or generated arithmetic problems."""
+
+    path: str | None = None
+    question_key: str = "question"
+    answer_key: str = "answer"
+    # "gsm8k": the gold is the text after '#### '; "plain": the field is the gold answer.
+    answer_format: str = "gsm8k"
+    prompt_template: str = "Question: {question}\nAnswer step by step, one step per paragraph, and end with 'The answer is N.'\n\n"
+    max_rows: int | None = None
+    synthetic_size: int = 512
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    """Policy sampling workers (`rollout-0`, …)."""
+
+    backend: str = "vllm"
+    num_workers: int = 1
+    samples_per_prompt: int = 4
+    prompts_per_step: int = 8
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 1.0
+    tensor_parallel_size: int = 1
+    num_gpus_per_worker: float = 0.0
+    kv_cache_space_gib: float = 1.0
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int = 1024
+    chunks_per_worker: int = 2
+
+
+@dataclass
+class JudgeConfig:
+    """The frozen GenPRM that lists wrong steps (`judge-0`, …)."""
+
+    backend: str = "symbolic"
+    num_workers: int = 1
+    model_path: str | None = None
+    tensor_parallel_size: int = 1
+    num_gpus_per_worker: float = 0.0
+    kv_cache_space_gib: float = 1.0
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int = 4096
+    temperature: float = 0.7
+    max_tokens: int = 512
+    include_reference: bool = True
+    # OpenAI-compatible endpoint (judge.backend=openai).
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str = "CAPO_JUDGE_API_KEY"
+    api: str = "chat"
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    # A judge whose every critique fails this many responses in a row is down:
+    # the run stops with an error instead of silently training GRPO.
+    max_consecutive_failures: int = 64
+    # Symbolic checker noise (each step verdict flipped with this probability).
+    flip_prob: float = 0.0
+
+
+@dataclass
+class CapoConfig:
+    """The CAPO reward: vote, critique count, asymmetric weights, advantage mode."""
+
+    vote: str = "intersection"
+    num_critiques: int = 4
+    w_outcome: float = 2.0
+    w_process: float = 1.0
+    penalize_correct: bool = True
+    penalize_incorrect: bool = True
+    advantage: str = "group_token"
+    adv_eps: float = 1e-6
+
+
+@dataclass
+class SyncConfig:
+    """How updated weights reach the rollout engines."""
+
+    transport: str = "object_store"
+    bucket_mb: int = 64
+
+
+@dataclass
+class TrainerConfig:
+    """The learner group and the outer loop."""
+
+    total_steps: int = 3
+    max_staleness: int = 0
+    num_learners: int = 2
+    num_gpus_per_learner: float = 0.0
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ppo_epochs: int = 1
+    micro_batch_size: int = 8
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    tis_cap: float | None = None
+    seed: int = 0
+    sync: SyncConfig = field(default_factory=SyncConfig)
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go: `metrics.jsonl` always, wandb by mode."""
+
+    wandb_mode: str = "disabled"
+    wandb_project: str = "capo_dist"
+    run_name: str | None = None
+
+
+@dataclass
+class RayConfig:
+    """How to reach Ray: null address starts a local cluster."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
+
+
+@dataclass
+class RunConfig:
+    """The whole run."""
+
+    name: str = "tiny_cpu"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    capo: CapoConfig = field(default_factory=CapoConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    run_dir: str = "."
+
+
+ConfigStore.instance().store(name="capo_schema", node=RunConfig)
+
+
+def _one_of(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def _at_least(key: str, value: float, low: float, why: str = "") -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value} must be >= {low}{why}")
+
+
+def _missing_checkpoint(p: str) -> bool:
+    """True if `p` is neither an existing directory nor shaped like a hub id (org/name)."""
+    if Path(os.path.expanduser(p)).is_dir():
+        return False
+    return p.startswith(("/", ".", "~")) or re.fullmatch(r"[\w.-]+/[\w.-]+", p) is None
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check every value a type cannot; raise ConfigError naming key, value and fix."""
+    _one_of("capo.vote", cfg.capo.vote, VOTE_MODES)
+    _one_of("capo.advantage", cfg.capo.advantage, ADVANTAGE_MODES)
+    _one_of("judge.backend", cfg.judge.backend, JUDGE_BACKENDS)
+    _one_of("rollout.backend", cfg.rollout.backend, ROLLOUT_BACKENDS)
+    _one_of("trainer.sync.transport", cfg.trainer.sync.transport, SYNC_TRANSPORTS)
+    _one_of("logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
+    _one_of("data.answer_format", cfg.data.answer_format, ("gsm8k", "plain"))
+    _at_least(
+        "rollout.samples_per_prompt",
+        cfg.rollout.samples_per_prompt,
+        2,
+        " (group-normalised advantages need at least 2 responses per prompt)",
+    )
+    _at_least("capo.num_critiques", cfg.capo.num_critiques, 1)
+    if cfg.capo.w_process < 0 or cfg.capo.w_outcome < 0:
+        raise ConfigError("capo.w_outcome and capo.w_process must be >= 0 (w_process=0 is GRPO)")
+    for key in ("rollout.num_workers", "judge.num_workers", "trainer.num_learners"):
+        section, name = key.split(".")
+        _at_least(key, getattr(getattr(cfg, section), name), 1)
+    _at_least("trainer.total_steps", cfg.trainer.total_steps, 1)
+    _at_least("trainer.max_staleness", cfg.trainer.max_staleness, 0)
+    if cfg.trainer.max_staleness > 1:
+        raise ConfigError(
+            f"trainer.max_staleness={cfg.trainer.max_staleness} is not supported; use 0 (synchronous) or 1 (generate the next batch while training)"
+        )
+    _at_least("rollout.prompts_per_step", cfg.rollout.prompts_per_step, 1)
+    _at_least("rollout.tensor_parallel_size", cfg.rollout.tensor_parallel_size, 1)
+    _at_least("judge.tensor_parallel_size", cfg.judge.tensor_parallel_size, 1)
+    if cfg.model.path is not None and _missing_checkpoint(cfg.model.path):
+        raise ConfigError(
+                f"model.path={cfg.model.path!r} does not exist; give a local Hugging Face checkpoint directory, a hub id, or null to build the tiny CPU model"
+            )
+    if cfg.judge.backend in ("vllm", "hf") and not cfg.judge.model_path:
+        if cfg.model.path is not None:
+            raise ConfigError(
+                f"judge.model_path is missing for judge.backend={cfg.judge.backend}; set it to the judge checkpoint (e.g. Qwen/Qwen2.5-72B-Instruct)"
+            )
+    if cfg.judge.model_path and _missing_checkpoint(cfg.judge.model_path):
+        raise ConfigError(
+            f"judge.model_path={cfg.judge.model_path!r} does not exist; give a local checkpoint directory or a hub id"
+        )
+    if cfg.judge.backend == "openai":
+        if not cfg.judge.base_url or not cfg.judge.model:
+            raise ConfigError(
+                "judge.backend=openai needs judge.base_url (e.g. http://127.0.0.1:8000/v1) and judge.model"
+            )
+    if not 0.0 <= cfg.judge.flip_prob <= 1.0:
+        raise ConfigError(f"judge.flip_prob={cfg.judge.flip_prob} must be in [0, 1]")
+    if cfg.data.path is not None and not Path(cfg.data.path).is_file():
+        raise ConfigError(
+            f"data.path={cfg.data.path!r} is not a file; give a JSONL file or null to generate arithmetic problems"
+        )
+    if cfg.trainer.sync.transport == "nccl" and cfg.trainer.num_gpus_per_learner <= 0:
+        raise ConfigError(
+            "trainer.sync.transport=nccl needs GPUs (trainer.num_gpus_per_learner > 0); use object_store on CPU"
+        )
+
+
+def gpus_needed(cfg: RunConfig) -> float:
+    """GPUs the run asks for: rollout and judge engines (TP bundles) plus learners."""
+    rollout = cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size * cfg.rollout.num_gpus_per_worker
+    judge = 0.0
+    if cfg.judge.backend in ("vllm", "hf"):
+        judge = cfg.judge.num_workers * cfg.judge.tensor_parallel_size * cfg.judge.num_gpus_per_worker
+    return rollout + judge + cfg.trainer.num_learners * cfg.trainer.num_gpus_per_learner
+
+
+def validate_resources(cfg: RunConfig, cluster: dict[str, float]) -> None:
+    """Check the run fits the cluster's GPUs (call after ray.init, before any actor)."""
+    have = float(cluster.get("GPU", 0.0))
+    need = gpus_needed(cfg)
+    if need > have:
+        raise ConfigError(
+            f"the run needs {need:g} GPUs (rollout.num_workers x rollout.tensor_parallel_size, "
+            f"judge.num_workers x judge.tensor_parallel_size, trainer.num_learners) but the Ray cluster has {have:g}; "
+            "lower the tensor_parallel_size / worker counts or add GPUs"
+        )
+    for key, tp, per in (
+        ("rollout.tensor_parallel_size", cfg.rollout.tensor_parallel_size, cfg.rollout.num_gpus_per_worker),
+        ("judge.tensor_parallel_size", cfg.judge.tensor_parallel_size, cfg.judge.num_gpus_per_worker),
+    ):
+        if tp > 1 and per <= 0:
+            raise ConfigError(f"{key}={tp} needs GPUs; set the matching num_gpus_per_worker > 0 or use 1 on CPU")
+        if tp * per > have:
+            raise ConfigError(f"{key}={tp} is larger than the cluster's {have:g} GPUs")

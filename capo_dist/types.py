@@ -1,0 +1,92 @@
+"""Typed records that cross a boundary between roles (driver, rollout, judge, aggregator, learner).
+
+Each is a plain dataclass so it pickles cheaply through Ray and reads the same
+on both sides. Tensors travel only inside `TrainBatch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One training prompt: the question, its gold final answer, and a stable id."""
+
+    uid: str
+    question: str
+    gold: str
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample: `n` completions per prompt, each up to `max_tokens` new tokens."""
+
+    n: int = 1
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    """One sampled completion: its token ids, decoded text and the sampler's log-probs."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str = "stop"
+
+
+@dataclass
+class Rollout:
+    """One response to one problem, as the rollout worker hands it on."""
+
+    problem: Problem
+    group_index: int
+    prompt_token_ids: list[int]
+    completion: Completion
+    policy_version: int
+
+
+@dataclass
+class JudgedRollout:
+    """A rollout plus the raw critique texts of the judge (None = the judge failed)."""
+
+    rollout: Rollout
+    critiques: list[str | None] = field(default_factory=list)
+
+
+@dataclass
+class TrainBatch:
+    """Padded token-level training data for the learner (one shard per rank).
+
+    Shapes: `[B, L]` for every tensor; `loss_mask` is 1 on response tokens.
+    `advantages` and `sampler_logprobs` are zero where `loss_mask` is 0.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    advantages: torch.Tensor
+    sampler_logprobs: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def shard(self, rank: int, world_size: int) -> TrainBatch:
+        """Rows rank::world_size, so every rank gets a near-equal share."""
+        idx = torch.arange(rank, len(self), world_size)
+        return TrainBatch(*(t[idx] for t in self.tensors()))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (
+            self.input_ids,
+            self.attention_mask,
+            self.loss_mask,
+            self.advantages,
+            self.sampler_logprobs,
+        )

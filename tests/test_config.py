@@ -1,0 +1,103 @@
+"""Configuration: the Hydra composition, the contract keys, and bad values failing early."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from capo_dist.config import ConfigError, RunConfig, validate, validate_resources
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+EXPERIMENTS = ["tiny_cpu", "llama3b_intersection", "llama1b_intersection", "qwen1.5b_intersection", "qwen7b_majority"]
+
+
+def load(*overrides: str) -> RunConfig:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        dcfg = compose("config", overrides=list(overrides))
+    dcfg.run_dir = "/tmp/unused"
+    return OmegaConf.to_object(dcfg)
+
+
+def test_default_is_tiny_cpu_and_valid():
+    cfg = load()
+    assert cfg.name == "tiny_cpu" and cfg.model.path is None
+    validate(cfg)
+    assert load("+experiment=tiny_cpu") == cfg
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiments_compose(name):
+    cfg = load(f"+experiment={name}")
+    assert cfg.name == name
+    assert cfg.capo.vote in ("intersection", "majority")
+    assert cfg.rollout.samples_per_prompt >= 2
+
+
+def test_contract_keys_exist():
+    cfg = load(
+        "capo.vote=union",
+        "capo.num_critiques=8",
+        "capo.w_outcome=2",
+        "capo.w_process=0",
+        "judge.backend=symbolic",
+        "rollout.backend=hf",
+        "rollout.samples_per_prompt=4",
+        "trainer.total_steps=7",
+        "trainer.max_staleness=1",
+    )
+    validate(cfg)
+    assert (cfg.capo.vote, cfg.capo.num_critiques, cfg.capo.w_process) == ("union", 8, 0.0)
+    assert (cfg.rollout.backend, cfg.trainer.total_steps, cfg.trainer.max_staleness) == ("hf", 7, 1)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("capo.vote=plurality", "capo.vote='plurality' is not valid; choose one of: intersection, majority, union, average"),
+        ("rollout.samples_per_prompt=1", "rollout.samples_per_prompt=1 must be >= 2"),
+        ("judge.backend=gpt", "judge.backend='gpt' is not valid"),
+        ("rollout.backend=sglang", "rollout.backend='sglang' is not valid; choose one of: vllm, hf"),
+        ("model.path=/nonexistent/model", "model.path='/nonexistent/model' does not exist"),
+        ("data.path=/nonexistent.jsonl", "data.path='/nonexistent.jsonl' is not a file"),
+        ("trainer.max_staleness=3", "trainer.max_staleness=3 is not supported"),
+        ("judge.backend=openai", "judge.backend=openai needs judge.base_url"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(load(override))
+
+
+def test_tensor_parallel_larger_than_the_gpus():
+    cfg = load("+experiment=llama3b_intersection")
+    with pytest.raises(ConfigError, match="needs 16 GPUs .* has 8"):
+        validate_resources(cfg, {"GPU": 8.0, "CPU": 64.0})
+    validate_resources(cfg, {"GPU": 16.0})
+    with pytest.raises(ConfigError, match="judge.tensor_parallel_size=4 needs GPUs"):
+        validate_resources(load("judge.tensor_parallel_size=4"), {"CPU": 2.0})
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "capo_dist.launch", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(CONF).parent,
+    )
+
+
+def test_cfg_job_prints_without_starting_anything():
+    out = _launch("+experiment=llama3b_intersection", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    assert "Qwen/Qwen2.5-72B-Instruct" in out.stdout and "tensor_parallel_size: 4" in out.stdout
+
+
+def test_bad_config_fails_before_any_actor(tmp_path):
+    out = _launch("capo.vote=plurality", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 2
+    assert "capo.vote='plurality' is not valid" in out.stderr
+    assert "Started a local Ray instance" not in out.stderr + out.stdout
