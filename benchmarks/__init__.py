@@ -1,0 +1,1 @@
+"""Benchmarks: scripts (`python -m benchmarks.NAME`), each ending with one JSON line."""

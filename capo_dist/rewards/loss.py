@@ -1,0 +1,102 @@
+"""Token-level PPO-clip policy loss and per-token log-probs (DESIGN §1.5).
+
+    ratio_t = exp(logp_t − old_t)
+    ℓ_t     = −min(ratio_t·A_t, clip(ratio_t, 1−clip_low, 1+clip_high)·A_t) · tis_t
+              + kl_coef · k3_t,     k3_t = exp(ref_t − logp_t) − (ref_t − logp_t) − 1
+    loss    = Σ_t mask_t·ℓ_t / num_tokens
+
+Token-mean aggregation: `num_tokens` defaults to this call's `mask.sum()`, but
+a learner that splits a step over data-parallel ranks and micro-batches MUST
+pass the GLOBAL number of response tokens of the whole step (all ranks, all
+micro-batches), so that every token weighs the same and gradient accumulation
++ all-reduce(mean over ranks, then × world size or sum) gives the true token
+mean. tis_t = min(exp(old_t − sampler_t), tis_cap), detached: the truncated
+importance weight correcting for the sampler (vLLM) differing from the learner.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, chunk_rows: int = 1
+) -> torch.Tensor:
+    """log p(input_ids[:, t] | input_ids[:, :t]) at position t ([B, L]; position 0 is 0).
+
+    logits [B, L, V] are the model outputs for input_ids [B, L] (logits[:, t]
+    predicts token t+1). Computed as gathered logit − logsumexp, `chunk_rows`
+    rows at a time in float32, so the float32 copy never exceeds
+    chunk_rows × L × V; differentiable.
+    """
+    b, length, _ = logits.shape
+    out = logits.new_zeros((b, length), dtype=torch.float32)
+    if length < 2:
+        return out
+    rows = []
+    for start in range(0, b, max(1, chunk_rows)):
+        lg = logits[start : start + chunk_rows, :-1].float()
+        tgt = input_ids[start : start + chunk_rows, 1:].long()
+        picked = lg.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        rows.append(picked - torch.logsumexp(lg, dim=-1))
+    return torch.cat([out[:, :1], torch.cat(rows, 0)], dim=1)
+
+
+def ppo_clip_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    sampler_logprobs: torch.Tensor | None = None,
+    tis_cap: float | None = None,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-level PPO-clip loss (scalar tensor) and metrics; all inputs [B, T].
+
+    `num_tokens`: the token-mean normaliser (see module doc; global count in
+    distributed training). Metrics are masked means over THIS call's tokens:
+    `clip_frac` (tokens whose clipped term is active), `approx_kl`
+    (k3 estimate of KL(old‖new)), `ratio_mean`, `kl` (k3 to the reference, 0
+    without one), `tis_mean` (1 without TIS), `pg_loss` (the policy term's
+    contribution to the loss).
+    """
+    m = mask.to(logprobs.dtype)
+    denom = float(num_tokens) if num_tokens is not None else m.sum().clamp(min=1.0)
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg1 = ratio * advantages
+    pg2 = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
+    per_token = -torch.minimum(pg1, pg2)
+    if sampler_logprobs is not None and tis_cap is not None:
+        tis = torch.exp(old_logprobs - sampler_logprobs).clamp(max=tis_cap).detach()
+        per_token = per_token * tis
+    else:
+        tis = torch.ones_like(per_token)
+    pg_loss = (per_token * m).sum() / denom
+    loss = pg_loss
+    kl_tok = torch.zeros_like(per_token)
+    if ref_logprobs is not None:
+        d = ref_logprobs - logprobs
+        kl_tok = torch.exp(d) - d - 1.0
+        if kl_coef != 0.0:
+            loss = loss + kl_coef * (kl_tok * m).sum() / denom
+    with torch.no_grad():
+        n = m.sum().clamp(min=1.0)
+        clipped = (pg2 < pg1).to(m.dtype)
+        approx_kl = ratio - 1.0 - log_ratio  # k3 estimate of KL(old || new), x ~ old
+        stats = torch.stack(
+            [
+                (clipped * m).sum() / n,
+                (approx_kl * m).sum() / n,
+                (ratio * m).sum() / n,
+                (kl_tok * m).sum() / n,
+                (tis * m).sum() / n,
+                pg_loss.detach(),
+            ]
+        ).tolist()
+    names = ("clip_frac", "approx_kl", "ratio_mean", "kl", "tis_mean", "pg_loss")
+    return loss, dict(zip(names, stats, strict=True))

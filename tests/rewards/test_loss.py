@@ -1,0 +1,144 @@
+"""Token-level PPO-clip loss and per-token log-probs (DESIGN §1.5)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from capo_dist.rewards.loss import ppo_clip_loss, token_logprobs
+
+
+def _naive_loss(lp, old, adv, mask, cl, ch, ref, kl_coef, sampler, cap, num_tokens):
+    total, n = 0.0, 0.0
+    for b in range(len(lp)):
+        for t in range(len(lp[0])):
+            if not mask[b][t]:
+                continue
+            n += 1
+            ratio = math.exp(lp[b][t] - old[b][t])
+            a = adv[b][t]
+            term = -min(ratio * a, min(max(ratio, 1 - cl), 1 + ch) * a)
+            if sampler is not None and cap is not None:
+                term *= min(math.exp(old[b][t] - sampler[b][t]), cap)
+            if ref is not None:
+                d = ref[b][t] - lp[b][t]
+                term += kl_coef * (math.exp(d) - d - 1)
+            total += term
+    return total / (num_tokens if num_tokens is not None else max(n, 1.0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(1, 6),
+    st.integers(0, 10_000),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([None, 37.0]),
+)
+def test_loss_equals_naive(b, t, seed, use_ref, use_tis, num_tokens):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(b, t, generator=g, dtype=torch.float64) * 3
+    old = lp + (torch.rand(b, t, generator=g, dtype=torch.float64) - 0.5) * 0.8
+    adv = torch.randn(b, t, generator=g, dtype=torch.float64)
+    mask = (torch.rand(b, t, generator=g) > 0.3).double()
+    ref = lp + torch.randn(b, t, generator=g, dtype=torch.float64) * 0.2 if use_ref else None
+    sampler = old + torch.randn(b, t, generator=g, dtype=torch.float64) * 0.3 if use_tis else None
+    cap = 2.0 if use_tis else None
+    loss, metrics = ppo_clip_loss(
+        lp, old, adv, mask, 0.2, 0.28, ref, 0.05, sampler, cap, num_tokens=num_tokens
+    )
+    expected = _naive_loss(
+        lp.tolist(),
+        old.tolist(),
+        adv.tolist(),
+        mask.tolist(),
+        0.2,
+        0.28,
+        ref.tolist() if ref is not None else None,
+        0.05,
+        sampler.tolist() if sampler is not None else None,
+        cap,
+        num_tokens,
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert 0.0 <= metrics["clip_frac"] <= 1.0
+
+
+def test_clipping_and_gradient():
+    old = torch.zeros(1, 4)
+    lp = torch.log(torch.tensor([[1.5, 0.5, 1.5, 0.5]])).requires_grad_()
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    loss, m = ppo_clip_loss(lp, old, adv, torch.ones(1, 4))
+    # token 0: A>0, ratio 1.5 > 1.2 → clipped (no grad); token 3: A<0, ratio 0.5 < 0.8 → clipped.
+    assert m["clip_frac"] == pytest.approx(0.5)
+    loss.backward()
+    assert lp.grad[0, 0] == 0 and lp.grad[0, 3] == 0
+    assert lp.grad[0, 1] < 0 and lp.grad[0, 2] > 0  # gradient descent raises/lowers them
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 - 1.5 - 0.8) / 4)
+
+
+def test_asymmetric_clip_high():
+    old = torch.zeros(1, 1)
+    lp = torch.log(torch.tensor([[1.25]]))
+    loss, _ = ppo_clip_loss(lp, old, torch.ones(1, 1), torch.ones(1, 1), clip_high=0.28)
+    assert loss.item() == pytest.approx(-1.25)  # 1.25 < 1.28: not clipped
+
+
+def test_metrics_at_ratio_one_and_kl():
+    lp = torch.full((2, 3), -1.0)
+    loss, m = ppo_clip_loss(
+        lp, lp.clone(), torch.ones(2, 3), torch.ones(2, 3), ref_logprobs=lp - 0.1, kl_coef=0.5
+    )
+    k3 = math.exp(-0.1) + 0.1 - 1
+    assert m["ratio_mean"] == pytest.approx(1.0) and m["approx_kl"] == pytest.approx(0.0)
+    assert m["kl"] == pytest.approx(k3, rel=1e-4) and m["clip_frac"] == 0.0 and m["tis_mean"] == 1.0
+    assert loss.item() == pytest.approx(-1.0 + 0.5 * k3, rel=1e-6)
+
+
+def test_tis_weight_is_capped_and_detached():
+    lp = torch.zeros(1, 2, requires_grad=True)
+    old = torch.zeros(1, 2)
+    sampler = torch.tensor([[-3.0, 0.5]])  # exp(3) → capped at 2; exp(-0.5) kept
+    loss, m = ppo_clip_loss(
+        lp, old, torch.ones(1, 2), torch.ones(1, 2), sampler_logprobs=sampler, tis_cap=2.0
+    )
+    assert m["tis_mean"] == pytest.approx((2.0 + math.exp(-0.5)) / 2)
+    loss.backward()
+    assert torch.allclose(lp.grad, -torch.tensor([[2.0, math.exp(-0.5)]]) / 2)
+
+
+def test_global_token_normaliser_splits_exactly():
+    g = torch.Generator().manual_seed(0)
+    lp, old, adv = (torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = (torch.rand(4, 5, generator=g) > 0.4).double()
+    full, _ = ppo_clip_loss(lp, old, adv, mask)
+    n = mask.sum().item()
+    rows = [slice(i, i + 1) for i in range(4)]
+    parts = sum(ppo_clip_loss(lp[r], old[r], adv[r], mask[r], num_tokens=n)[0] for r in rows)
+    assert parts.item() == pytest.approx(full.item())
+
+
+def test_token_logprobs_alignment_and_values():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 6, 11, generator=g)
+    ids = torch.randint(0, 11, (3, 6), generator=g)
+    out = token_logprobs(logits, ids, chunk_rows=2)
+    ref = torch.log_softmax(logits, -1)
+    assert out.shape == (3, 6) and torch.all(out[:, 0] == 0)
+    for b in range(3):
+        for t in range(1, 6):
+            assert out[b][t].item() == pytest.approx(ref[b, t - 1, ids[b][t]].item(), abs=1e-5)
+
+
+def test_token_logprobs_bf16_and_grad():
+    logits = torch.randn(2, 4, 7, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, 7, (2, 4))
+    out = token_logprobs(logits, ids)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert logits.grad is not None and logits.grad.shape == logits.shape
