@@ -1,0 +1,790 @@
+"""The learner role (`learner-0`, `learner-1`, …): DeepSpeed ZeRO-3 ranks doing token-level PPO-clip.
+
+W ranks, one Ray actor each, form one DeepSpeed data-parallel group (NCCL on
+GPU, gloo on CPU — DeepSpeed picks its accelerator and backend itself). Each
+rank trains on its shard of a `TrainBatch` (rows rank::W):
+
+* old log-probs come from the learner itself, before the update (no grad);
+  the sampler's log-probs serve only the optional truncated importance
+  weight (`tis_cap`); a frozen reference model (ZeRO-3 too, no optimizer)
+  gives the k3 KL term when `kl_coef > 0`;
+* the loss is a token mean over the GLOBAL number of loss tokens of each
+  optimizer step (all ranks, all micro-batches), so a step computes the same
+  thing for any W and any micro-batch size;
+* a step whose gradient norm is NaN/inf is skipped (DeepSpeed's ZeRO-3
+  optimizer checks the global norm in every precision) and reported.
+
+Every method that touches parameters is a ZeRO-3 collective, so the driver
+calls it on ALL ranks at once; `LearnerGroup` is the driver-side handle that
+does exactly that (and shards / reassembles rows where that applies).
+
+CPU notes (DeepSpeed 0.19.8): the process group comes up without any JIT op
+build — `Learner.setup` marks DeepSpeed's shared-memory all-reduce op
+(`deepspeed_shm_comm`, only used by DeepSpeed-Inference's
+`inference_all_reduce`, never by ZeRO training) as unavailable, which saves a
+~40 s C++ build on a fresh machine. The optimizer is `torch.optim.AdamW` as
+DeepSpeed's client optimizer with `fused=True`: no op build (DeepSpeedCPUAdam
+and DeepSpeed's CPU FusedAdam are JIT-compiled, ~110 s on 2 cores) and the
+same speed on CPU (10 M parameters: 0.0106 s per step vs 0.0102 s for
+DeepSpeedCPUAdam, vs 0.096 s for the unfused torch AdamW); on GPU it is
+torch's fused CUDA kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+import torch.nn.functional as F
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from capo_dist.rewards.loss import ppo_clip_loss, token_logprobs
+from capo_dist.types import TrainBatch
+from capo_dist.weight_sync import (
+    NcclSyncPlan,
+    NcclTransport,
+    ObjectStoreTransport,
+    ParamSpec,
+    WeightTransport,
+    pack_buckets,
+    plan_buckets,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Files of a HF checkpoint directory that are not weights and travel with an export.
+_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+@dataclass
+class LearnerConfig:
+    """What every learner rank needs: the model, the optimizer and the PPO loss.
+
+    `micro_batch_size` rows go through one forward/backward; every optimizer
+    step accumulates gradients over all micro-batches of its mini-batch.
+    Each PPO epoch is `mini_batches` optimizer steps over the rank's shard.
+    `dtype` is the training precision of the weights ("float32" or
+    "bfloat16"; ZeRO-3 keeps fp32 master weights for bf16). The learning rate
+    is constant after a linear warmup of `warmup_steps` optimizer steps.
+    `ref_model_path` (default: `model_path`) is loaded only when
+    `kl_coef > 0`.
+    """
+
+    model_path: str
+    dtype: str = "float32"
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_size: int = 8
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    ref_model_path: str | None = None
+    tis_cap: float | None = None
+    seed: int = 0
+    num_gpus_per_learner: float = 0.0
+    num_cpus_per_learner: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"LearnerConfig.dtype={self.dtype!r}; choose one of {sorted(_DTYPES)}")
+        for key in ("ppo_epochs", "mini_batches", "micro_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"LearnerConfig.{key}={getattr(self, key)} must be >= 1")
+
+
+def _deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
+    """The DeepSpeed config of the policy engine (ZeRO-3, caller-owned gradient accumulation).
+
+    `managed_gradient_accumulation: false` makes every `engine.step()` the
+    accumulation boundary, so an optimizer step may cover any number of
+    micro-batches (the batch size varies from step to step).
+    """
+    return {
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": config.grad_clip,
+        "bf16": {"enabled": config.dtype == "bfloat16"},
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": torch.cuda.is_available(),
+            "contiguous_gradients": True,
+            "stage3_gather_16bit_weights_on_model_save": False,
+        },
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _reference_deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
+    """The frozen reference model's engine: ZeRO-3 parameters, no optimizer."""
+    ds = _deepspeed_config(config)
+    ds.pop("gradient_clipping")
+    return ds
+
+
+def _skip_shm_comm_op() -> None:
+    """Tell DeepSpeed its shared-memory all-reduce op cannot be built, before init_distributed.
+
+    `TorchBackend.__init__` JIT-builds `deepspeed_shm_comm` (~40 s of C++ on
+    a fresh CPU machine) when `deepspeed.ops.__compatible_ops__` says it can;
+    the op only serves DeepSpeed-Inference's `inference_all_reduce`, which
+    ZeRO training never calls. That dict is DeepSpeed's per-process probe
+    cache, so editing it is all it takes. (Kept out of the actor's methods:
+    Ray pickles those by value, and cloudpickle would try to pickle
+    `torch.ops` for a function that mentions both `torch` and `.ops`.)
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _quiet_deepspeed() -> None:
+    """Keep DeepSpeed's per-step chatter out of the actor logs (warnings and errors still show).
+
+    DeepSpeed 0.19.8 calls `torch.distributed.all_gather_into_tensor` and
+    `reduce_scatter_tensor`, which torch 2.13 deprecates with a FutureWarning
+    on every call.
+    """
+    import logging
+    import warnings
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left and right padding give the same result."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _load_checkpoint_weights(model: torch.nn.Module, path: Path, rank: int) -> None:
+    """Fill a ZeRO-3-partitioned HF model from the safetensors files in `path`.
+
+    One module at a time: every rank gathers the module's parameters, rank 0
+    copies the checkpoint tensors in, and DeepSpeed re-partitions them from
+    rank 0 on exit — so no rank ever holds more than one module's full
+    weights. Checkpoint keys must be the module's parameter names (true of
+    dense Llama/Qwen/Mistral checkpoints). Every rank reads the file headers
+    and raises the same error before any collective if a parameter is
+    missing, so a bad checkpoint fails cleanly instead of hanging.
+    """
+    import deepspeed
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors weights")
+    key_file: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            key_file.update(dict.fromkeys(h.keys(), f))
+    modules = [(m_name, m) for m_name, m in model.named_modules() if m._parameters]
+    loaded: set[int] = set()
+    plan: list[tuple[torch.nn.Module, dict[str, str]]] = []
+    for m_name, module in modules:
+        names = {}
+        for p_name, p in module.named_parameters(recurse=False):
+            full = f"{m_name}.{p_name}" if m_name else p_name
+            if full in key_file:
+                names[p_name] = full
+                loaded.add(id(p))
+        plan.append((module, names))
+    missing = [n for n, p in model.named_parameters() if id(p) not in loaded]
+    if missing:
+        raise KeyError(
+            f"{path}: checkpoint has no tensor for {missing[:5]} ({len(missing)} missing)"
+        )
+    with ExitStack() as stack, torch.no_grad():
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
+        for module, names in plan:
+            if not names:
+                continue
+            params = [module._parameters[p] for p in names]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                if rank == 0:
+                    for p_name, full in names.items():
+                        module._parameters[p_name].data.copy_(
+                            handles[key_file[full]].get_tensor(full)
+                        )
+
+
+@ray.remote
+class Learner:
+    """One DeepSpeed ZeRO-3 rank: trains its shard, answers log-prob queries, ships weights.
+
+    Created by `LearnerGroup`; `setup()` must run on all ranks before
+    anything else, and every method except `weight_specs` is a collective
+    that all ranks must enter together.
+    """
+
+    def __init__(
+        self,
+        config: LearnerConfig,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+    ) -> None:
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        # DeepSpeed reads these in init_distributed; without LOCAL_RANK it tries MPI
+        # discovery. Ray gives each actor only its own GPU, so the local device is 0.
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK="0",
+        )
+        self.engine: Any = None
+        self.ref_engine: Any = None
+        self.hf_config: Any = None
+        self.pad_token_id = 0
+        self.step = 0
+        self._nccl: NcclTransport | None = None
+
+    # ---------------------------------------------------------------- set-up
+
+    def setup(self) -> dict[str, float]:
+        """Join the process group, build the ZeRO-3 policy (+ reference) engine; returns timings."""
+        t0 = time.perf_counter()
+        import deepspeed
+
+        _quiet_deepspeed()
+        _skip_shm_comm_op()
+        torch.manual_seed(self.config.seed)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+        deepspeed.init_distributed()
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        t_dist = time.perf_counter()
+
+        cfg = self.config
+        ds_config = _deepspeed_config(cfg)
+        model = self._build_model(cfg.model_path, ds_config)
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=cfg.lr,
+            betas=cfg.adam_betas,
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+            fused=True,
+        )
+        warmup = cfg.warmup_steps
+
+        def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+            # Constant after a linear warmup: update k (0-based) uses lr * min(1, (k+1)/warmup).
+            return torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda k: min(1.0, (k + 1) / warmup) if warmup > 0 else 1.0
+            )
+
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+        )
+        if cfg.kl_coef > 0:
+            ref_ds = _reference_deepspeed_config(cfg)
+            ref = self._build_model(cfg.ref_model_path or cfg.model_path, ref_ds)
+            ref.requires_grad_(False)
+            self.ref_engine, *_ = deepspeed.initialize(model=ref, config=ref_ds)
+            self.ref_engine.eval()
+        n_params = sum(math.prod(s.shape) for s in self.weight_specs())
+        return {
+            "time_init_distributed": t_dist - t0,
+            "time_build": time.perf_counter() - t_dist,
+            "num_parameters": float(n_params),
+        }
+
+    def _build_model(self, path: str, ds_config: dict[str, Any]) -> torch.nn.Module:
+        """A HF causal LM built under `deepspeed.zero.Init` (partitioned at construction) and loaded."""
+        import deepspeed
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        dtype = _DTYPES[self.config.dtype]
+        hf_config = AutoConfig.from_pretrained(path)
+        # Random init would run on already-partitioned (empty) tensors; the weights are
+        # loaded right after, as transformers' own ZeRO-3 path does. zero.Init takes its
+        # dtype from the config's bf16 flag: an explicit `dtype=` is ignored on CPU
+        # (DeepSpeed 0.19.8 `Init._set_dtype` then picks bf16 whatever is passed).
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        _load_checkpoint_weights(model, Path(path), self.rank)
+        if self.hf_config is None:
+            self.hf_config = hf_config
+            self.pad_token_id = hf_config.pad_token_id or 0
+        return model
+
+    # ---------------------------------------------------------------- helpers
+
+    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Reduce a few floats over all ranks in one collective."""
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def _micro_batches(self, rows: torch.Tensor, num: int) -> list[torch.Tensor]:
+        """Split row indices into exactly `num` micro-batches; the ones past the data are empty."""
+        mbs = self.config.micro_batch_size
+        chunks = [rows[i : i + mbs] for i in range(0, len(rows), mbs)]
+        return chunks + [rows[:0] for _ in range(num - len(chunks))]
+
+    def _forward_logprobs(
+        self, engine: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-token log-probs [b, L] (float32) of one micro-batch; an empty one runs a dummy row.
+
+        Under ZeRO-3 every forward gathers parameters collectively, so a rank
+        with no rows left still runs a forward and backward (of two pad
+        tokens, whose loss mask is 0) to keep step with the others.
+        """
+        width = input_ids.shape[1]
+        if input_ids.shape[0] == 0:
+            input_ids = torch.full((1, 2), self.pad_token_id, dtype=torch.long)
+            attention_mask = torch.ones_like(input_ids)
+        # Trim the padding columns no row uses; keep two positions at least, so the
+        # log-probs (position 0 is a constant) and hence the loss depend on the logits.
+        used = int(attention_mask.nonzero()[:, 1].max()) + 1 if attention_mask.any() else 1
+        length = max(used, 2)
+        if length > input_ids.shape[1]:
+            extra = length - input_ids.shape[1]
+            input_ids = F.pad(input_ids, (0, extra), value=self.pad_token_id)
+            attention_mask = F.pad(attention_mask, (0, extra))
+        ids = input_ids[:, :length].to(self.device)
+        mask = attention_mask[:, :length].to(self.device)
+        logits = engine(
+            input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False
+        ).logits
+        lp = token_logprobs(logits, ids)
+        return lp[:, :width] if length >= width else F.pad(lp, (0, width - length))
+
+    @staticmethod
+    def _indexed(micro: list[list[torch.Tensor]]) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
+        """((mini-batch, micro-batch), rows) for every micro-batch of a step, in training order."""
+        for i, mini in enumerate(micro):
+            for j, chunk in enumerate(mini):
+                yield (i, j), chunk
+
+    # ---------------------------------------------------------------- training
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """PPO epochs over this rank's shard; returns metrics reduced over all ranks.
+
+        Metrics: `loss` and `pg_loss` (global token-mean loss, averaged over
+        optimizer steps), token-weighted global means of `clip_frac`,
+        `approx_kl`, `ratio_mean`, `kl`, `tis_mean`; `grad_norm` (global,
+        before clipping, of the last step; inf if it was skipped), `lr` (of the last step), `tokens`
+        (loss tokens in the whole batch, all ranks), `steps` (optimizer
+        steps), `skipped` (steps skipped for a non-finite gradient norm),
+        `time` (seconds, slowest rank).
+        """
+        t0 = time.perf_counter()
+        cfg = self.config
+        engine = self.engine
+        n_rows = len(batch)
+        rows = torch.arange(n_rows)
+        minis = [rows[i :: cfg.mini_batches] for i in range(cfg.mini_batches)]
+        mbs = cfg.micro_batch_size
+        counts = [float(math.ceil(len(m) / mbs)) for m in minis]
+        tokens = [float(batch.loss_mask[m].sum()) for m in minis]
+        reduced = self._all_reduce(counts, op="max")
+        num_micro = [int(c) for c in reduced]
+        global_tokens = self._all_reduce(tokens)
+        micro = [self._micro_batches(m, n) for m, n in zip(minis, num_micro, strict=True)]
+
+        # Old (and reference) log-probs, before any update. With a single
+        # optimizer step per batch the policy has not moved when the loss is
+        # computed, so the detached current log-probs ARE the old ones and the
+        # extra forward is skipped.
+        recompute_old = cfg.ppo_epochs * cfg.mini_batches > 1
+        old: dict[tuple[int, int], torch.Tensor] = {}
+        ref: dict[tuple[int, int], torch.Tensor] = {}
+        with torch.no_grad():
+            if recompute_old or self.ref_engine is not None:
+                engine.eval()
+                for key, chunk in self._indexed(micro):
+                    ids, att = batch.input_ids[chunk], batch.attention_mask[chunk]
+                    if recompute_old:
+                        old[key] = self._forward_logprobs(engine, ids, att)
+                    if self.ref_engine is not None:
+                        ref[key] = self._forward_logprobs(self.ref_engine, ids, att)
+
+        engine.train()
+        stat_names = ("clip_frac", "approx_kl", "ratio_mean", "kl", "tis_mean", "pg_loss")
+        sums = dict.fromkeys(("loss", *stat_names), 0.0)
+        steps = skipped = 0
+        grad_norm = lr = 0.0
+        for _epoch in range(cfg.ppo_epochs):
+            for i, (mini, n_tok) in enumerate(zip(micro, global_tokens, strict=True)):
+                if n_tok == 0:
+                    continue  # nothing to learn from (same on every rank: the count is global)
+                lr = float(engine.get_lr()[0])
+                loss_sum = 0.0
+                for j, chunk in enumerate(mini):
+                    ids, att = batch.input_ids[chunk], batch.attention_mask[chunk]
+                    lp = self._forward_logprobs(engine, ids, att)
+                    if len(chunk) == 0:
+                        zeros = torch.zeros_like(lp)
+                        mask = adv = samp = zeros
+                    else:
+                        mask = batch.loss_mask[chunk].to(self.device)
+                        adv = batch.advantages[chunk].to(self.device)
+                        samp = batch.sampler_logprobs[chunk].to(self.device)
+                    old_lp = old[i, j] if recompute_old else lp.detach()
+                    loss, stats = ppo_clip_loss(
+                        lp,
+                        old_lp,
+                        adv,
+                        mask,
+                        clip_low=cfg.clip_low,
+                        clip_high=cfg.clip_high,
+                        ref_logprobs=ref.get((i, j)),
+                        kl_coef=cfg.kl_coef,
+                        sampler_logprobs=samp,
+                        tis_cap=cfg.tis_cap,
+                        num_tokens=max(n_tok, 1.0),
+                    )
+                    # ZeRO averages gradients over the W ranks; each rank's loss is
+                    # already its share of the global token mean, so scale by W.
+                    engine.backward(loss * self.world_size, scale_wrt_gas=False)
+                    loss_sum += float(loss.detach())
+                    local_tokens = float(mask.sum())
+                    for k in stat_names:
+                        sums[k] += stats[k] * (local_tokens if k != "pg_loss" else 1.0)
+                engine.step()
+                steps += 1
+                sums["loss"] += loss_sum
+                grad_norm = float(engine.get_global_grad_norm())  # inf when skipped
+                skipped += not engine.was_step_applied()
+        self.step += steps - skipped
+
+        keys = list(sums)
+        total = self._all_reduce([sums[k] for k in keys])
+        all_tokens = max(sum(global_tokens), 1.0)
+        metrics = {}
+        for k, v in zip(keys, total, strict=True):
+            if k in ("loss", "pg_loss"):
+                metrics[k] = v / max(steps, 1)  # each step's value is a global token mean
+            else:
+                metrics[k] = v / (all_tokens * cfg.ppo_epochs)
+        (elapsed,) = self._all_reduce([time.perf_counter() - t0], op="max")
+        metrics.update(
+            grad_norm=grad_norm,
+            lr=lr,
+            tokens=sum(global_tokens),
+            steps=float(steps),
+            skipped=float(skipped),
+            time=elapsed,
+        )
+        return metrics
+
+    def compute_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-token log-probs [b, L] (float32, CPU) of these rows under the current policy.
+
+        Position t holds log p(token t | tokens < t); position 0 and padding
+        hold 0. Collective: every rank calls it (with its own rows, possibly
+        none) the same number of times.
+        """
+        rows = torch.arange(input_ids.shape[0])
+        (num,) = self._all_reduce(
+            [float(math.ceil(len(rows) / self.config.micro_batch_size))], "max"
+        )
+        out = []
+        self.engine.eval()
+        with torch.no_grad():
+            for chunk in self._micro_batches(rows, int(num)):
+                lp = self._forward_logprobs(self.engine, input_ids[chunk], attention_mask[chunk])
+                if len(chunk):
+                    out.append((lp * attention_mask[chunk].to(lp.device)).cpu())
+        if not out:
+            return torch.zeros(input_ids.shape, dtype=torch.float32)
+        return torch.cat(out)
+
+    # ---------------------------------------------------------------- weights
+
+    def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The policy's parameters under their HF names (tied weights once)."""
+        return list(self.engine.module.named_parameters())
+
+    def weight_specs(self) -> list[ParamSpec]:
+        """Name, full shape and dtype of every policy parameter, in sync order (no gather)."""
+        return [
+            ParamSpec(name, tuple(getattr(p, "ds_shape", p.shape)), p.dtype)
+            for name, p in self._named_parameters()
+        ]
+
+    def _gathered(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]] | None]:
+        """Full parameters, one planned bucket's worth at a time (collective on all ranks).
+
+        Yields, for each bucket of `plan_buckets(weight_specs(), bucket_bytes)`,
+        the `(name, full tensor)` pairs on rank 0 (None elsewhere) while they
+        are gathered; they are released when the consumer asks for the next
+        bucket. So rank 0 holds at most one bucket of gathered parameters
+        (≤ bucket_bytes + the largest parameter) beyond its own partition,
+        plus whatever the consumer copies out of them (one packed bucket).
+        One all-gather per bucket, not per parameter.
+        """
+        import deepspeed
+
+        params = dict(self._named_parameters())
+        with torch.no_grad():
+            for group in plan_buckets(self.weight_specs(), bucket_bytes):
+                group_params = [params[s.name] for s in group]
+                with deepspeed.zero.GatheredParameters(group_params):
+                    if self.rank == 0:
+                        yield [(s.name, p.data) for s, p in zip(group, group_params, strict=True)]
+                    else:
+                        yield None
+
+    def _sync_weights(self, transport: WeightTransport | None, bucket_bytes: int) -> Any:
+        """Gather bucket by bucket; rank 0 packs each bucket and hands it to `transport`."""
+        for named in self._gathered(bucket_bytes):
+            if named is not None and transport is not None:
+                for bucket in pack_buckets(named, bucket_bytes):
+                    transport.send(bucket)
+        return transport.finish() if transport is not None else None
+
+    def gather_weight_buckets(self, bucket_bytes: int) -> list[ray.ObjectRef] | None:
+        """Put the full weights in the object store as `WeightBucket`s; rank 0 returns the refs.
+
+        Collective (every rank must call it); the other ranks return None.
+        The refs are owned by rank 0's actor, so they stay valid while it lives.
+        """
+        transport = ObjectStoreTransport() if self.rank == 0 else None
+        return self._sync_weights(transport, bucket_bytes)
+
+    def init_nccl_weight_sync(self, master_address: str, master_port: int, world_size: int) -> None:
+        """GPU only: rank 0 joins the learner↔engines NCCL group as its rank 0 (others: no-op).
+
+        The engines must join at the same time (vLLM's
+        `init_weight_transfer_engine` with `NcclTransport.plan(...).init_info`).
+        """
+        if self.rank == 0:
+            self._nccl = NcclTransport.connect(master_address, master_port, world_size)
+
+    def broadcast_weights(self, bucket_bytes: int) -> None:
+        """GPU only: gather bucket by bucket and broadcast each from rank 0 over NCCL.
+
+        Collective over the learner ranks; the engines must be inside their
+        `update_weights` (with `NcclTransport.plan(...).update_info`) meanwhile.
+        """
+        # Decided on every rank, so a missing group fails everywhere instead of hanging.
+        (missing,) = self._all_reduce([float(self.rank == 0 and self._nccl is None)])
+        if missing:
+            raise RuntimeError("broadcast_weights before init_nccl_weight_sync")
+        self._sync_weights(self._nccl, bucket_bytes)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, directory: str) -> None:
+        """DeepSpeed checkpoint (partitioned weights, optimizer, scheduler, step) in `directory`.
+
+        Collective; `directory` must be visible to every rank (shared
+        filesystem on a multi-node cluster).
+        """
+        self.engine.save_checkpoint(
+            directory,
+            tag=f"step{self.step}",
+            client_state={"step": self.step, "learner_config": asdict(self.config)},
+        )
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Restore the latest checkpoint in `directory`; returns its step. Collective."""
+        path, client_state = self.engine.load_checkpoint(directory)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+        self.step = int(client_state["step"])
+        return self.step
+
+    def export_hf(self, directory: str, shard_bytes: int = 2 << 30) -> None:
+        """Write a Hugging Face checkpoint (config, sharded safetensors, tokenizer) of the policy.
+
+        Collective: all ranks gather, rank 0 writes one safetensors shard per
+        gathered bucket, so memory stays bounded as in weight sync. The
+        result loads with `AutoModelForCausalLM.from_pretrained(directory)`.
+        """
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        plan = plan_buckets(self.weight_specs(), shard_bytes)
+        weight_map: dict[str, str] = {}
+        total = 0
+        for i, named in enumerate(self._gathered(shard_bytes)):
+            if named is None:
+                continue
+            out.mkdir(parents=True, exist_ok=True)
+            fname = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+            save_file(
+                {n: t.detach().cpu().contiguous() for n, t in named},
+                str(out / fname),
+                metadata={"format": "pt"},
+            )
+            weight_map.update(dict.fromkeys((n for n, _ in named), fname))
+            total += sum(t.numel() * t.element_size() for _, t in named)
+        if self.rank != 0:
+            return
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        self.hf_config.save_pretrained(str(out))
+        src = Path(self.config.model_path)
+        for name in _SIDE_FILES:
+            if (src / name).exists():
+                shutil.copy(src / name, out / name)
+
+
+@ray.remote(num_cpus=0)
+def _master_endpoint() -> tuple[str, int]:
+    """The address of this node and a free TCP port on it (run in rank 0's bundle)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+class LearnerGroup:
+    """Driver-side handle of the W learner ranks: creates them and fans every call out to all.
+
+    The ranks live in one placement group (`PACK`: on as few nodes as
+    possible), one bundle each; rank 0's node hosts the process-group
+    rendezvous. Construction runs `setup()` on every rank.
+    """
+
+    def __init__(self, config: LearnerConfig, num_learners: int = 1, name: str = "learner") -> None:
+        self.config = config
+        self.world_size = num_learners
+        bundle = {"CPU": config.num_cpus_per_learner}
+        if config.num_gpus_per_learner > 0:
+            bundle["GPU"] = config.num_gpus_per_learner
+        self.placement_group = placement_group(
+            [dict(bundle) for _ in range(num_learners)], strategy="PACK"
+        )
+        ray.get(self.placement_group.ready())
+
+        addr, port = ray.get(_master_endpoint.options(scheduling_strategy=self._bundle(0)).remote())
+        self.actors = [
+            Learner.options(
+                name=f"{name}-{i}",
+                num_cpus=config.num_cpus_per_learner,
+                num_gpus=config.num_gpus_per_learner,
+                scheduling_strategy=self._bundle(i),
+            ).remote(config, i, num_learners, addr, port)
+            for i in range(num_learners)
+        ]
+        try:
+            self.setup_info = self._all("setup")[0]
+        except Exception:
+            self.shutdown()
+            raise
+
+    def _bundle(self, i: int) -> PlacementGroupSchedulingStrategy:
+        """Scheduling into rank i's bundle of the placement group."""
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.placement_group, placement_group_bundle_index=i
+        )
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        """Call `method(*args)` on every rank at once and wait for all results."""
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One PPO update on `batch` (rank r trains rows r::W); metrics reduced over ranks."""
+        refs = [
+            a.train_step.remote(batch.shard(r, self.world_size)) for r, a in enumerate(self.actors)
+        ]
+        return ray.get(refs)[0]
+
+    def compute_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-token log-probs [B, L] under the current policy, rows spread over all ranks."""
+        w = self.world_size
+        refs = [
+            a.compute_logprobs.remote(input_ids[r::w], attention_mask[r::w])
+            for r, a in enumerate(self.actors)
+        ]
+        out = torch.zeros(input_ids.shape, dtype=torch.float32)
+        for r, lp in enumerate(ray.get(refs)):
+            out[r::w] = lp
+        return out
+
+    def weight_specs(self) -> list[ParamSpec]:
+        """Name, shape and dtype of every parameter, in sync order (from rank 0)."""
+        return ray.get(self.actors[0].weight_specs.remote())
+
+    def gather_weight_buckets(self, bucket_bytes: int) -> list[ray.ObjectRef]:
+        """The full weights as `WeightBucket` refs in the object store (HF names, sync order)."""
+        return self._all("gather_weight_buckets", bucket_bytes)[0]
+
+    def nccl_sync_plan(self, bucket_bytes: int, num_engine_ranks: int) -> NcclSyncPlan:
+        """GPU only: a rendezvous on rank 0's node and the engines' vLLM payloads for NCCL sync.
+
+        `num_engine_ranks` counts every engine worker process (TP x DP over
+        all rollout engines); the NCCL group is those plus learner rank 0.
+        """
+        addr, port = ray.get(_master_endpoint.options(scheduling_strategy=self._bundle(0)).remote())
+        return NcclTransport.plan(
+            self.weight_specs(), bucket_bytes, addr, port, world_size=1 + num_engine_ranks
+        )
+
+    def init_nccl_weight_sync(self, plan: NcclSyncPlan) -> ray.ObjectRef:
+        """GPU only: start rank 0 joining the NCCL group; wait on the ref after starting the
+        engines' `init_weight_transfer_engine(plan.init_info)` (both sides meet in the rendezvous)."""
+        info = plan.init_info
+        return self.actors[0].init_nccl_weight_sync.remote(
+            info["master_address"], info["master_port"], info["world_size"]
+        )
+
+    def broadcast_weights(self, bucket_bytes: int) -> list[ray.ObjectRef]:
+        """GPU only: start the bucketed NCCL broadcast on all ranks; wait on the refs after
+        starting the engines' `update_weights(plan.update_info)`."""
+        return [a.broadcast_weights.remote(bucket_bytes) for a in self.actors]
+
+    def save_checkpoint(self, directory: str) -> None:
+        """DeepSpeed checkpoint of every rank's partition into `directory`."""
+        self._all("save_checkpoint", directory)
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Restore the latest checkpoint in `directory`; returns its step."""
+        return self._all("load_checkpoint", directory)[0]
+
+    def export_hf(self, directory: str) -> None:
+        """Write a Hugging Face checkpoint of the current policy into `directory`."""
+        self._all("export_hf", directory)
+
+    def shutdown(self) -> None:
+        """Kill the ranks and release their placement group."""
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.placement_group)
