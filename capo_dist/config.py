@@ -92,6 +92,7 @@ class JudgeConfig:
     backend: str = "symbolic"
     num_workers: int = 1
     model_path: str | None = None
+    dtype: str = "float32"
     tensor_parallel_size: int = 1
     num_gpus_per_worker: float = 0.0
     kv_cache_space_gib: float = 1.0
@@ -156,6 +157,17 @@ class TrainerConfig:
     tis_cap: float | None = None
     seed: int = 0
     sync: SyncConfig = field(default_factory=SyncConfig)
+    # Checkpoints: every N steps (0 = only at the end), the last `keep_checkpoints`
+    # kept, in `checkpoint_dir`. `resume`: none | auto (the last complete checkpoint
+    # in checkpoint_dir, if any) | a checkpoint directory.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    checkpoint_dir: str = "${run_dir}/checkpoints"
+    resume: str = "none"
+    # Write the final policy as a Hugging Face checkpoint to <run_dir>/policy.
+    export_hf: bool = True
+    # A rollout or judge chunk whose worker died is re-run this many times.
+    max_chunk_retries: int = 3
 
 
 @dataclass
@@ -165,6 +177,9 @@ class LoggingConfig:
     wandb_mode: str = "disabled"
     wandb_project: str = "capo_dist"
     run_name: str | None = None
+    # Per-response records (`samples/step_XXXXXX.jsonl`) every this many steps; 0 = never.
+    samples_every: int = 1
+    samples_per_step: int = 16
 
 
 @dataclass
@@ -235,6 +250,12 @@ def validate(cfg: RunConfig) -> None:
         section, name = key.split(".")
         _at_least(key, getattr(getattr(cfg, section), name), 1)
     _at_least("trainer.total_steps", cfg.trainer.total_steps, 1)
+    _at_least("trainer.checkpoint_every", cfg.trainer.checkpoint_every, 0)
+    _at_least("trainer.keep_checkpoints", cfg.trainer.keep_checkpoints, 1)
+    if cfg.trainer.resume not in ("none", "auto") and not Path(cfg.trainer.resume).is_dir():
+        raise ConfigError(
+            f"trainer.resume={cfg.trainer.resume!r}: use none, auto, or an existing checkpoint directory"
+        )
     _at_least("trainer.max_staleness", cfg.trainer.max_staleness, 0)
     if cfg.trainer.max_staleness > 1:
         raise ConfigError(
@@ -245,8 +266,8 @@ def validate(cfg: RunConfig) -> None:
     _at_least("judge.tensor_parallel_size", cfg.judge.tensor_parallel_size, 1)
     if cfg.model.path is not None and _missing_checkpoint(cfg.model.path):
         raise ConfigError(
-                f"model.path={cfg.model.path!r} does not exist; give a local Hugging Face checkpoint directory, a hub id, or null to build the tiny CPU model"
-            )
+            f"model.path={cfg.model.path!r} does not exist; give a local Hugging Face checkpoint directory, a hub id, or null to build the tiny CPU model"
+        )
     if cfg.judge.backend in ("vllm", "hf") and not cfg.judge.model_path:
         if cfg.model.path is not None:
             raise ConfigError(
@@ -275,10 +296,14 @@ def validate(cfg: RunConfig) -> None:
 
 def gpus_needed(cfg: RunConfig) -> float:
     """GPUs the run asks for: rollout and judge engines (TP bundles) plus learners."""
-    rollout = cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size * cfg.rollout.num_gpus_per_worker
+    rollout = (
+        cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size * cfg.rollout.num_gpus_per_worker
+    )
     judge = 0.0
     if cfg.judge.backend in ("vllm", "hf"):
-        judge = cfg.judge.num_workers * cfg.judge.tensor_parallel_size * cfg.judge.num_gpus_per_worker
+        judge = (
+            cfg.judge.num_workers * cfg.judge.tensor_parallel_size * cfg.judge.num_gpus_per_worker
+        )
     return rollout + judge + cfg.trainer.num_learners * cfg.trainer.num_gpus_per_learner
 
 
@@ -293,10 +318,20 @@ def validate_resources(cfg: RunConfig, cluster: dict[str, float]) -> None:
             "lower the tensor_parallel_size / worker counts or add GPUs"
         )
     for key, tp, per in (
-        ("rollout.tensor_parallel_size", cfg.rollout.tensor_parallel_size, cfg.rollout.num_gpus_per_worker),
-        ("judge.tensor_parallel_size", cfg.judge.tensor_parallel_size, cfg.judge.num_gpus_per_worker),
+        (
+            "rollout.tensor_parallel_size",
+            cfg.rollout.tensor_parallel_size,
+            cfg.rollout.num_gpus_per_worker,
+        ),
+        (
+            "judge.tensor_parallel_size",
+            cfg.judge.tensor_parallel_size,
+            cfg.judge.num_gpus_per_worker,
+        ),
     ):
         if tp > 1 and per <= 0:
-            raise ConfigError(f"{key}={tp} needs GPUs; set the matching num_gpus_per_worker > 0 or use 1 on CPU")
+            raise ConfigError(
+                f"{key}={tp} needs GPUs; set the matching num_gpus_per_worker > 0 or use 1 on CPU"
+            )
         if tp * per > have:
             raise ConfigError(f"{key}={tp} is larger than the cluster's {have:g} GPUs")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,12 +154,33 @@ def synthetic_arith(size: int, seed: int, min_ops: int = 1, max_ops: int = 3) ->
     return [make_arith_problem(rng, i, rng.randint(min_ops, max_ops)) for i in range(size)]
 
 
-def epoch_stream(problems: list[Problem], seed: int) -> Iterator[Problem]:
-    """Problems forever, reshuffled each epoch with a seed derived from `seed` and the epoch."""
-    epoch = 0
-    while True:
-        order = list(range(len(problems)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        for i in order:
-            yield problems[i]
-        epoch += 1
+class ProblemStream:
+    """Problems forever, reshuffled each epoch from `seed` and the epoch number.
+
+    Its position (`epoch`, `index`) is all the state it has, so a checkpoint
+    that stores `state()` resumes the exact same sequence.
+    """
+
+    def __init__(self, problems: list[Problem], seed: int, epoch: int = 0, index: int = 0):
+        self.problems, self.seed = problems, seed
+        self.epoch, self.index = epoch, index
+        self._order = self._shuffled(epoch)
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(len(self.problems)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[Problem]:
+        """The next `n` problems."""
+        out = []
+        for _ in range(n):
+            if self.index == len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._shuffled(self.epoch)
+            out.append(self.problems[self._order[self.index]])
+            self.index += 1
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}

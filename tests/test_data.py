@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from capo_dist.data import DataError, epoch_stream, gsm8k_gold, load_jsonl, synthetic_arith
+from capo_dist.data import DataError, ProblemStream, gsm8k_gold, load_jsonl, synthetic_arith
 
 
 def test_gsm8k_test_split_loads_whole(shared_data):
@@ -65,10 +65,13 @@ def test_synthetic_is_deterministic_and_varied():
     assert all(x.steps[-1] == f"The answer is {x.problem.gold}." for x in a)
 
 
-def test_epoch_stream_visits_every_problem_once_per_epoch():
+def test_stream_visits_every_problem_once_per_epoch_and_resumes_exactly():
     problems = [x.problem for x in synthetic_arith(7, seed=0)]
-    stream = epoch_stream(problems, seed=1)
-    first, second = [next(stream) for _ in range(7)], [next(stream) for _ in range(7)]
+    stream = ProblemStream(problems, seed=1)
+    first, second = stream.take(7), stream.take(7)
     assert sorted(p.uid for p in first) == sorted(p.uid for p in problems)
     assert sorted(p.uid for p in second) == sorted(p.uid for p in problems)
     assert first != second
+    stream.take(3)
+    resumed = ProblemStream(problems, seed=1, **stream.state())
+    assert resumed.take(20) == stream.take(20)

@@ -1,0 +1,51 @@
+"""The aggregator role (`aggregator`): verifier + critique parsing + vote + rewards + advantages.
+
+A Ray actor so the verifier's worker pool and the tokenizer are built once and
+the CPU work of scoring runs beside generation and training, not in the
+driver. The math itself is `capo_dist.experience.make_experience` (pure).
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from capo_dist.config import CapoConfig
+from capo_dist.experience import Experience, make_experience
+from capo_dist.types import JudgedRollout, Rollout
+
+
+@ray.remote
+class RewardAggregator:
+    """Turns whole groups of judged rollouts into an `Experience` for the learner."""
+
+    def __init__(self, cfg: CapoConfig, tokenizer_path: str, verifier_timeout_s: float = 3.0):
+        from transformers import AutoTokenizer
+
+        from capo_dist.rewards.verifier import Verifier
+
+        self.cfg = cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.verifier = Verifier(timeout_s=verifier_timeout_s)
+
+    def score_parts(self, *parts: list[JudgedRollout] | list[Rollout]) -> Experience:
+        """Score the concatenation of `parts` (chunks of whole groups, judged or not)."""
+        judged = [
+            r if isinstance(r, JudgedRollout) else JudgedRollout(rollout=r, critiques=[])
+            for part in parts
+            for r in part
+        ]
+        return self.score(judged)
+
+    def score(self, judged: list[JudgedRollout]) -> Experience:
+        """Verify, vote, reward and pack one step's rollouts."""
+        start = time.perf_counter()
+        correct = self.verifier.check_many(
+            [j.rollout.completion.text for j in judged], [j.rollout.problem.gold for j in judged]
+        )
+        exp = make_experience(
+            judged, self.tokenizer, correct, self.cfg, self.tokenizer.pad_token_id
+        )
+        exp.metrics["time_reward"] = time.perf_counter() - start
+        return exp

@@ -1,0 +1,175 @@
+"""The experience maker: judged rollouts → token-level CAPO rewards, advantages, a TrainBatch.
+
+Pure code (no Ray), batched: the verifier decides each response's outcome,
+critiques are parsed against the response's own steps, votes are taken over a
+padded `[B, N, S]` flag array, each generated token is mapped to its step
+through exact character offsets, and the reward and advantage kernels run on
+padded `[B, T]` tensors. The metrics it returns are the per-step figures the
+driver logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from capo_dist.config import CapoConfig
+from capo_dist.rewards.advantages import compute_advantages
+from capo_dist.rewards.capo import token_rewards_batch
+from capo_dist.rewards.critique import parse_critique
+from capo_dist.rewards.steps import split_steps, token_char_offsets, token_steps
+from capo_dist.rewards.voting import vote_batch
+from capo_dist.types import JudgedRollout, TrainBatch
+
+
+@dataclass
+class Experience:
+    """A training batch plus what was measured while making it."""
+
+    batch: TrainBatch
+    metrics: dict[str, float]
+    token_rewards: torch.Tensor  # [B, T] response-token rewards, for reports
+    correct: list[bool]
+    # One JSON-ready record per response: text, steps, token offsets, token rewards and
+    # advantages, critiques and the voted step weights (what the credit report renders).
+    samples: list[dict] = field(default_factory=list)
+
+
+def make_experience(
+    judged: Sequence[JudgedRollout],
+    tokenizer,
+    correct: Sequence[bool],
+    cfg: CapoConfig,
+    pad_token_id: int,
+) -> Experience:
+    """Score `judged` (whole groups, in order) and pack them for the learner."""
+    B = len(judged)
+    texts = [j.rollout.completion.text for j in judged]
+    spans = [split_steps(t) for t in texts]
+    num_steps = [max(len(s), 1) for s in spans]
+    S = max(num_steps)
+    N = max((len(j.critiques) for j in judged), default=0)
+    use_judge = cfg.w_process > 0 and N > 0
+
+    # Critiques → flags [B, N, S] and validity [B, N].
+    flags = np.zeros((B, max(N, 1), S), dtype=bool)
+    valid = np.zeros((B, max(N, 1)), dtype=bool)
+    dropped = invalid = total_critiques = 0
+    if use_judge:
+        for b, j in enumerate(judged):
+            for n, text in enumerate(j.critiques):
+                total_critiques += 1
+                if text is None:
+                    invalid += 1
+                    continue
+                parsed = parse_critique(text, len(spans[b]))
+                dropped += parsed.dropped
+                if parsed.wrong is None:
+                    invalid += 1
+                    continue
+                valid[b, n] = True
+                if parsed.wrong:
+                    flags[b, n, list(parsed.wrong)] = True
+        step_weights = torch.from_numpy(vote_batch(flags, valid, cfg.vote)).float()
+    else:
+        step_weights = torch.zeros(B, S)
+
+    # Tokens → steps, padded [B, T].
+    resp = [j.rollout.completion.token_ids for j in judged]
+    T = max((len(r) for r in resp), default=1) or 1
+    tok_steps = torch.zeros(B, T, dtype=torch.long)
+    resp_mask = torch.zeros(B, T)
+    offsets: list[list[tuple[int, int]]] = []
+    for b, ids in enumerate(resp):
+        offsets.append(token_char_offsets(tokenizer, ids) if ids else [])
+        if ids:
+            tok_steps[b, : len(ids)] = torch.tensor(token_steps(offsets[b], spans[b]))
+            resp_mask[b, : len(ids)] = 1.0
+
+    correct_t = torch.tensor([bool(c) for c in correct], dtype=torch.float32)
+    rewards = token_rewards_batch(
+        correct_t,
+        tok_steps,
+        step_weights,
+        resp_mask,
+        w_outcome=cfg.w_outcome,
+        w_process=cfg.w_process,
+        penalize_correct=cfg.penalize_correct,
+        penalize_incorrect=cfg.penalize_incorrect,
+    )
+    uids = [j.rollout.problem.uid for j in judged]
+    group_of = {u: i for i, u in enumerate(dict.fromkeys(uids))}
+    group_ids = torch.tensor([group_of[u] for u in uids])
+    advantages = compute_advantages(
+        rewards, resp_mask, group_ids, mode=cfg.advantage, eps=cfg.adv_eps
+    )
+
+    batch = _pack(judged, advantages, resp_mask, pad_token_id)
+    # A token is penalised when the process term lowered its reward below the outcome's.
+    penalised = (rewards < cfg.w_outcome * correct_t[:, None] - 1e-9).float() * resp_mask
+    n_tokens = float(resp_mask.sum())
+    per_response_reward = (rewards * resp_mask).sum(1) / resp_mask.sum(1).clamp(min=1)
+    has_flag = step_weights.amax(1) > 0
+    metrics = {
+        "reward_mean": float(per_response_reward.mean()),
+        "accuracy": float(correct_t.mean()),
+        "clean_correct": float((correct_t.bool() & ~has_flag).float().mean()),
+        "process_penalty_rate": float(penalised.sum() / max(n_tokens, 1.0)),
+        "judge_invalid_rate": invalid / total_critiques if total_critiques else 0.0,
+        "judge_abstain_rate": float((~valid.any(1)).mean()) if use_judge else 0.0,
+        "judge_dropped_indices": float(dropped),
+        "response_length": n_tokens / max(B, 1),
+        "response_tokens": n_tokens,
+        "num_steps_mean": float(np.mean([len(s) for s in spans])) if spans else 0.0,
+        "advantage_abs_mean": float((advantages.abs() * resp_mask).sum() / max(n_tokens, 1.0)),
+    }
+    samples = [
+        {
+            "uid": j.rollout.problem.uid,
+            "group_index": j.rollout.group_index,
+            "question": j.rollout.problem.question,
+            "gold": j.rollout.problem.gold,
+            "response": texts[b],
+            "correct": bool(correct[b]),
+            "steps": [list(sp) for sp in spans[b]],
+            "token_offsets": [list(o) for o in offsets[b]],
+            "token_rewards": [round(float(x), 4) for x in rewards[b, : len(resp[b])]],
+            "advantages": [round(float(x), 4) for x in advantages[b, : len(resp[b])]],
+            "critiques": list(j.critiques),
+            "step_weights": [round(float(x), 4) for x in step_weights[b, : len(spans[b])]],
+            "vote": cfg.vote,
+        }
+        for b, j in enumerate(judged)
+    ]
+    return Experience(
+        batch=batch, metrics=metrics, token_rewards=rewards, correct=list(correct), samples=samples
+    )
+
+
+def _pack(
+    judged: Sequence[JudgedRollout], advantages: torch.Tensor, resp_mask: torch.Tensor, pad: int
+) -> TrainBatch:
+    """Right-padded [prompt; response] rows with response-aligned advantages and log-probs."""
+    B = len(judged)
+    lengths = [
+        len(j.rollout.prompt_token_ids) + len(j.rollout.completion.token_ids) for j in judged
+    ]
+    L = max(lengths)
+    input_ids = torch.full((B, L), pad, dtype=torch.long)
+    attention = torch.zeros(B, L, dtype=torch.long)
+    loss_mask = torch.zeros(B, L)
+    adv = torch.zeros(B, L)
+    sampler = torch.zeros(B, L)
+    for b, j in enumerate(judged):
+        p, c = j.rollout.prompt_token_ids, j.rollout.completion
+        n_p, n_c = len(p), len(c.token_ids)
+        input_ids[b, : n_p + n_c] = torch.tensor(list(p) + list(c.token_ids), dtype=torch.long)
+        attention[b, : n_p + n_c] = 1
+        loss_mask[b, n_p : n_p + n_c] = resp_mask[b, :n_c]
+        adv[b, n_p : n_p + n_c] = advantages[b, :n_c]
+        if c.logprobs:
+            sampler[b, n_p : n_p + n_c] = torch.tensor(c.logprobs[:n_c], dtype=torch.float32)
+    return TrainBatch(input_ids, attention, loss_mask, adv, sampler)

@@ -1,0 +1,203 @@
+"""The judge role (`judge-0`, …): the frozen GenPRM that lists a response's wrong steps.
+
+A Ray actor wrapping one of four backends behind one method: the same vLLM
+or Hugging Face engine code as the rollout workers (its own model, tensor
+parallel), an OpenAI-compatible endpoint, or the symbolic step checker. Each
+response gets N critiques from ONE request (n = N). A critique that fails or
+cannot be produced is None (it abstains); a judge that fails every critique
+for `max_consecutive_failures` responses in a row raises `JudgeDownError`,
+so a dead judge stops the run instead of silently turning it into GRPO.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import ray
+
+from capo_dist.config import JudgeConfig
+from capo_dist.rewards.critique import build_critique_prompt
+from capo_dist.rewards.steps import split_steps
+from capo_dist.types import JudgedRollout, Rollout, SamplingSpec
+
+
+class JudgeDownError(RuntimeError):
+    """The judge failed every critique for too many responses in a row."""
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    """What a judge sees of one response: the problem, the gold answer, the steps."""
+
+    question: str
+    reference: str | None
+    steps: list[str]
+
+
+class JudgeBackend(Protocol):
+    def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[list[str | None]]: ...
+
+
+class StepCheckerBackend:
+    """Symbolic arithmetic checker (no model); noisy when `flip_prob` > 0."""
+
+    def __init__(self, flip_prob: float, seed: int):
+        self.flip_prob = flip_prob
+        self.rng = random.Random(seed)
+
+    def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[list[str | None]]:
+        from capo_dist.step_checker import critique_steps
+
+        return [critique_steps(r.steps, n, self.flip_prob, self.rng) for r in requests]
+
+
+class HttpBackend:
+    """An OpenAI-compatible endpoint, one request per response."""
+
+    def __init__(self, cfg: JudgeConfig):
+        from capo_dist.judge_http import HttpJudgeClient, HttpJudgeConfig
+
+        self.client = HttpJudgeClient(
+            HttpJudgeConfig(
+                base_url=cfg.base_url or "",
+                model=cfg.model or "",
+                api=cfg.api,
+                api_key_env=cfg.api_key_env,
+                timeout_s=cfg.timeout_s,
+                max_retries=cfg.max_retries,
+                temperature=cfg.temperature,
+                max_tokens=cfg.max_tokens,
+            )
+        )
+
+    def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[list[str | None]]:
+        return [
+            self.client.critique(build_critique_prompt(r.question, r.steps, r.reference), n)
+            for r in requests
+        ]
+
+
+class EngineBackend:
+    """A local generation engine (vLLM or HF) running the judge model."""
+
+    def __init__(self, cfg: JudgeConfig, model_path: str, seed: int, engine_kwargs: dict):
+        from capo_dist.engines import make_engine
+
+        self.engine = make_engine(
+            cfg.backend,
+            model_path,
+            dtype=cfg.dtype,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            max_model_len=cfg.max_model_len,
+            kv_cache_space_gib=cfg.kv_cache_space_gib,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            seed=seed,
+            **engine_kwargs,
+        )
+        self.cfg = cfg
+        self.skipped_too_long = 0
+
+    def _encode(self, prompt: str) -> list[int]:
+        tok = self.engine.tokenizer()
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+        return tok(prompt)["input_ids"]
+
+    def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[list[str | None]]:
+        prompts = [
+            self._encode(build_critique_prompt(r.question, r.steps, r.reference)) for r in requests
+        ]
+        budget = self.cfg.max_model_len - self.cfg.max_tokens
+        fits = [i for i, p in enumerate(prompts) if len(p) <= budget]
+        self.skipped_too_long += len(prompts) - len(fits)
+        out: list[list[str | None]] = [[None] * n for _ in prompts]
+        if fits:
+            spec = SamplingSpec(
+                n=n, max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature
+            )
+            for i, completions in zip(
+                fits, self.engine.generate([prompts[i] for i in fits], spec), strict=True
+            ):
+                out[i] = [c.text for c in completions]
+        return out
+
+
+@ray.remote
+class JudgeWorker:
+    """Critiques rollouts; returns them with N raw critique texts each (None = abstain)."""
+
+    def __init__(
+        self,
+        cfg: JudgeConfig,
+        num_critiques: int,
+        policy_model_path: str,
+        seed: int,
+        engine_kwargs: dict | None = None,
+    ):
+        self.cfg = cfg
+        self.n = num_critiques
+        if cfg.backend == "symbolic":
+            self.backend: JudgeBackend = StepCheckerBackend(cfg.flip_prob, seed)
+        elif cfg.backend == "openai":
+            self.backend = HttpBackend(cfg)
+        else:
+            self.backend = EngineBackend(
+                cfg, cfg.model_path or policy_model_path, seed, engine_kwargs or {}
+            )
+        self.failed_in_a_row = 0
+        self.stats: Counter = Counter()
+
+    def state(self) -> dict:
+        """The noisy checker's RNG state (JSON-able), so a resume draws the same flips."""
+        rng = getattr(self.backend, "rng", None)
+        if rng is None:
+            return {}
+        version, internal, gauss = rng.getstate()
+        return {"rng": [version, list(internal), gauss]}
+
+    def restore(self, state: dict) -> None:
+        if "rng" in state:
+            version, internal, gauss = state["rng"]
+            self.backend.rng.setstate((version, tuple(internal), gauss))
+
+    def judge(self, rollouts: list[Rollout]) -> tuple[list[JudgedRollout], dict[str, float]]:
+        """N critiques for each rollout, plus this call's judge timing and counts."""
+        start = time.perf_counter()
+        requests = []
+        for r in rollouts:
+            text = r.completion.text
+            requests.append(
+                JudgeRequest(
+                    question=r.problem.question,
+                    reference=r.problem.gold if self.cfg.include_reference else None,
+                    steps=[text[s:e] for s, e in split_steps(text)],
+                )
+            )
+        texts = self.backend.critiques(requests, self.n)
+        for critiques in texts:
+            if any(c is not None for c in critiques):
+                self.failed_in_a_row = 0
+            else:
+                self.failed_in_a_row += 1
+                self.stats["responses_without_critique"] += 1
+        if self.failed_in_a_row >= self.cfg.max_consecutive_failures:
+            raise JudgeDownError(
+                f"judge backend {self.cfg.backend!r} produced no critique for {self.failed_in_a_row} "
+                "responses in a row; check the judge (endpoint, model, prompt length) or raise "
+                "judge.max_consecutive_failures"
+            )
+        judged = [
+            JudgedRollout(rollout=r, critiques=list(c))
+            for r, c in zip(rollouts, texts, strict=True)
+        ]
+        return judged, {
+            "judge_seconds": time.perf_counter() - start,
+            "judged": float(len(rollouts)),
+        }

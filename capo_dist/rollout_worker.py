@@ -1,0 +1,97 @@
+"""The rollout role (`rollout-0`, …): samples G responses per prompt with the current policy.
+
+A Ray actor around one generation engine (vLLM, or Hugging Face generate).
+It formats prompts with the run's template, returns typed `Rollout`s tagged
+with the policy version that produced them, and loads new weights bucket by
+bucket from the learner.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from capo_dist.config import RolloutConfig
+from capo_dist.types import Problem, Rollout, SamplingSpec
+
+
+@ray.remote
+class RolloutWorker:
+    """Policy sampling for one engine; `version` counts the weight syncs it has loaded."""
+
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        model_path: str,
+        dtype: str,
+        prompt_template: str,
+        seed: int,
+        engine_kwargs: dict | None = None,
+    ):
+        from capo_dist.engines import make_engine
+
+        self.cfg = cfg
+        self.template = prompt_template
+        self.seed = seed
+        self.engine = make_engine(
+            cfg.backend,
+            model_path,
+            dtype=dtype,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            max_model_len=cfg.max_model_len,
+            kv_cache_space_gib=cfg.kv_cache_space_gib,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            seed=seed,
+            **(engine_kwargs or {}),
+        )
+        self.version = 0
+        self.calls = 0
+
+    def generate(self, problems: list[Problem]) -> tuple[list[Rollout], dict[str, float]]:
+        """`samples_per_prompt` rollouts per problem, grouped by problem, plus timing."""
+        start = time.perf_counter()
+        tok = self.engine.tokenizer()
+        prompts = [tok(self.template.format(question=p.question))["input_ids"] for p in problems]
+        spec = SamplingSpec(
+            n=self.cfg.samples_per_prompt,
+            max_tokens=self.cfg.max_new_tokens,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            seed=self.seed * 100_003 + self.calls,
+        )
+        self.calls += 1
+        outputs = self.engine.generate(prompts, spec)
+        rollouts = [
+            Rollout(
+                problem=p,
+                group_index=g,
+                prompt_token_ids=list(ids),
+                completion=c,
+                policy_version=self.version,
+            )
+            for p, ids, completions in zip(problems, prompts, outputs, strict=True)
+            for g, c in enumerate(completions)
+        ]
+        seconds = time.perf_counter() - start
+        tokens = sum(len(r.completion.token_ids) for r in rollouts)
+        return rollouts, {"rollout_seconds": seconds, "rollout_tokens": float(tokens)}
+
+    def load_weights(self, bucket_refs: list[ray.ObjectRef], version: int) -> float:
+        """Load every bucket (HF parameter names) into the engine; returns seconds spent."""
+        start = time.perf_counter()
+        for ref in bucket_refs:
+            self.engine.load_weights(ray.get(ref).unpack())
+        self.version = version
+        return time.perf_counter() - start
+
+    def state(self) -> dict[str, int]:
+        """Counters a checkpoint needs to resume sampling with the same seeds."""
+        return {"calls": self.calls, "version": self.version}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.calls = state["calls"]
+
+    def sequence_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
+        """Log-probs of `continuation` under the engine's current weights (sync checks)."""
+        return self.engine.sequence_logprobs(prompt, continuation)

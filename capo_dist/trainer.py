@@ -1,0 +1,389 @@
+"""The driver: starts the roles and runs the CAPO loop (DESIGN §2).
+
+One step = rollout → judge → aggregate → train → weight sync. The first three
+are chained as Ray object references, so each judge call starts the moment
+its rollout chunk is done (judging streams behind generation) without a round
+trip through the driver. With `trainer.max_staleness=1` the next step's
+rollouts are generated while the learner trains on this one.
+
+If a rollout or judge worker dies mid-step, Ray restarts it; the driver
+re-syncs its weights and re-runs only the chunks that were lost, so every
+prompt of the step is trained on exactly once. A learner rank dying ends the
+run with a message naming the checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+from omegaconf import OmegaConf
+from ray.exceptions import RayActorError
+
+from capo_dist.aggregator import RewardAggregator
+from capo_dist.checkpoint import CheckpointManager, read_driver_state
+from capo_dist.config import RunConfig, validate, validate_resources
+from capo_dist.data import DataStats, ProblemStream, load_jsonl, synthetic_arith
+from capo_dist.experience import Experience
+from capo_dist.judge_worker import JudgeWorker
+from capo_dist.learner import LearnerConfig, LearnerGroup
+from capo_dist.metrics import MetricsLogger
+from capo_dist.models import TinyModelSpec, build_tiny_model
+from capo_dist.placement import engine_actor_options
+from capo_dist.rollout_worker import RolloutWorker
+from capo_dist.types import Problem
+
+# Ray restarts a dead rollout/judge actor this many times before giving up on it.
+ACTOR_RESTARTS = 3
+
+
+class LearnerDiedError(RuntimeError):
+    """A learner rank died: ZeRO-3 state is sharded, so the run cannot go on without it."""
+
+
+@dataclass
+class Chunk:
+    """One slice of a step's problems and the refs of its rollout and judge tasks."""
+
+    problems: list[Problem]
+    rollout_stats: ray.ObjectRef
+    rollouts: ray.ObjectRef
+    judged: ray.ObjectRef | None
+    judge_stats: ray.ObjectRef | None
+
+    @property
+    def part(self) -> ray.ObjectRef:
+        return self.judged if self.judged is not None else self.rollouts
+
+
+@dataclass
+class PendingStep:
+    """One step's collection, in flight."""
+
+    chunks: list[Chunk]
+    experience: ray.ObjectRef
+
+
+def load_problems(cfg: RunConfig) -> tuple[list[Problem], DataStats, list[str]]:
+    """Training problems plus a text corpus (for the tiny tokenizer when one is built)."""
+    if cfg.data.path:
+        problems, stats = load_jsonl(
+            cfg.data.path,
+            cfg.data.question_key,
+            cfg.data.answer_key,
+            cfg.data.answer_format,
+            cfg.data.max_rows,
+        )
+        corpus = [p.question for p in problems]
+    else:
+        arith = synthetic_arith(cfg.data.synthetic_size, cfg.data.seed)
+        problems = [a.problem for a in arith]
+        stats = DataStats(rows=len(problems), kept=len(problems))
+        corpus = [a.problem.question + "\n\n" + a.solution for a in arith]
+    return problems, stats, corpus
+
+
+def prepare_policy(cfg: RunConfig, corpus: list[str]) -> str:
+    """The policy checkpoint path: `model.path`, or a tiny Llama built locally (cached)."""
+    if cfg.model.path:
+        return cfg.model.path
+    from capo_dist.rewards.critique import build_critique_prompt
+
+    t = cfg.model.tiny
+    spec = TinyModelSpec(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_attention_heads,
+        seed=cfg.trainer.seed,
+    )
+    texts = corpus + [cfg.data.prompt_template, build_critique_prompt("Q", ["a", "b"], "1")]
+    key = hashlib.sha256(json.dumps([asdict(spec), texts]).encode()).hexdigest()[:12]
+    return str(build_tiny_model(Path(cfg.model.build_dir) / f"tiny-{key}", texts, spec))
+
+
+def init_ray(cfg: RunConfig) -> None:
+    """Join `ray.address`, or start a local cluster with enough logical CPUs for every role."""
+    if ray.is_initialized():
+        return
+    roles = cfg.rollout.num_workers + cfg.judge.num_workers + 1 + cfg.trainer.num_learners
+    kwargs = dict(include_dashboard=cfg.ray.dashboard, log_to_driver=True)
+    if cfg.ray.dashboard:
+        kwargs["dashboard_host"] = cfg.ray.dashboard_host
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, roles), **kwargs)
+
+
+class Trainer:
+    """Owns the roles of one run and drives the loop."""
+
+    def __init__(self, cfg: RunConfig):
+        validate(cfg)
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.problems, self.data_stats, corpus = load_problems(cfg)
+        self.model_path = prepare_policy(cfg, corpus)
+        self.checkpoints = CheckpointManager(
+            cfg.trainer.checkpoint_dir, cfg.trainer.keep_checkpoints
+        )
+        init_ray(cfg)
+        validate_resources(cfg, ray.cluster_resources())
+        self._start_roles()
+        self.stream = ProblemStream(self.problems, cfg.trainer.seed)
+        self.step = self.version = 0
+        self.latest_weights: list[ray.ObjectRef] = []
+        self._resume()
+        self.logger = MetricsLogger(self.run_dir, cfg)
+
+    # ----------------------------------------------------------------- roles
+
+    def _start_roles(self) -> None:
+        cfg = self.cfg
+        self.rollout = []
+        for i in range(cfg.rollout.num_workers):
+            opts, engine_kwargs = engine_actor_options(
+                f"rollout-{i}", cfg.rollout.tensor_parallel_size, cfg.rollout.num_gpus_per_worker
+            )
+            self.rollout.append(
+                RolloutWorker.options(**opts, max_restarts=ACTOR_RESTARTS).remote(
+                    cfg.rollout,
+                    self.model_path,
+                    cfg.model.dtype,
+                    cfg.data.prompt_template,
+                    cfg.trainer.seed * 1000 + i,
+                    engine_kwargs,
+                )
+            )
+        self.judges = []
+        for i in range(cfg.judge.num_workers if cfg.capo.w_process > 0 else 0):
+            uses_gpu = cfg.judge.backend in ("vllm", "hf")
+            opts, engine_kwargs = engine_actor_options(
+                f"judge-{i}",
+                cfg.judge.tensor_parallel_size,
+                cfg.judge.num_gpus_per_worker if uses_gpu else 0,
+            )
+            self.judges.append(
+                JudgeWorker.options(**opts, max_restarts=ACTOR_RESTARTS).remote(
+                    cfg.judge,
+                    cfg.capo.num_critiques,
+                    self.model_path,
+                    cfg.trainer.seed * 1000 + i,
+                    engine_kwargs,
+                )
+            )
+        self.aggregator = RewardAggregator.options(name="aggregator", num_cpus=1).remote(
+            cfg.capo, self.model_path
+        )
+        t = cfg.trainer
+        self.learners = LearnerGroup(
+            LearnerConfig(
+                model_path=self.model_path,
+                dtype=cfg.model.dtype,
+                lr=t.lr,
+                warmup_steps=t.warmup_steps,
+                weight_decay=t.weight_decay,
+                grad_clip=t.grad_clip,
+                ppo_epochs=t.ppo_epochs,
+                micro_batch_size=t.micro_batch_size,
+                clip_low=t.clip_low,
+                clip_high=t.clip_high,
+                kl_coef=t.kl_coef,
+                tis_cap=t.tis_cap,
+                seed=t.seed,
+                num_gpus_per_learner=t.num_gpus_per_learner,
+            ),
+            num_learners=t.num_learners,
+        )
+
+    # ------------------------------------------------------------ collection
+
+    def _submit_chunk(self, problems: list[Problem], i: int) -> Chunk:
+        """Rollout → judge for one slice of problems; returns refs at once."""
+        worker = self.rollout[i % len(self.rollout)]
+        rollouts, stats = worker.generate.options(num_returns=2).remote(problems)
+        judged = jstats = None
+        if self.judges:
+            judge = self.judges[i % len(self.judges)]
+            judged, jstats = judge.judge.options(num_returns=2).remote(rollouts)
+        return Chunk(problems, stats, rollouts, judged, jstats)
+
+    def _collect(self) -> PendingStep:
+        """Submit one step's rollout → judge → aggregate chain; returns at once."""
+        cfg = self.cfg
+        problems = self.stream.take(cfg.rollout.prompts_per_step)
+        n_chunks = cfg.rollout.num_workers * cfg.rollout.chunks_per_worker
+        slices = [problems[i::n_chunks] for i in range(n_chunks) if problems[i::n_chunks]]
+        chunks = [self._submit_chunk(s, i) for i, s in enumerate(slices)]
+        experience = self.aggregator.score_parts.remote(*(c.part for c in chunks))
+        return PendingStep(chunks, experience)
+
+    def _finish(self, pending: PendingStep) -> tuple[Experience, list[dict], list[dict], int]:
+        """Wait for a step's experience; re-run the chunks of any worker that died."""
+        recovered = 0
+        for _ in range(self.cfg.trainer.max_chunk_retries + 1):
+            try:
+                exp = ray.get(pending.experience)
+                rollout_stats = ray.get([c.rollout_stats for c in pending.chunks])
+                judge_stats = ray.get(
+                    [c.judge_stats for c in pending.chunks if c.judge_stats is not None]
+                )
+                return exp, rollout_stats, judge_stats, recovered
+            except RayActorError:
+                recovered += self._recover(pending)
+        raise RuntimeError(
+            f"step {self.step + 1}: rollout/judge workers kept dying after "
+            f"{self.cfg.trainer.max_chunk_retries} retries (trainer.max_chunk_retries); see the actor logs"
+        )
+
+    def _recover(self, pending: PendingStep) -> int:
+        """Re-sync restarted engines and re-submit the lost chunks; returns how many."""
+        self._resync_restarted()
+        lost = 0
+        for i, chunk in enumerate(pending.chunks):
+            try:
+                ray.get(chunk.part)
+            except RayActorError:
+                try:
+                    ray.get(chunk.rollouts)
+                    judge = self.judges[i % len(self.judges)]
+                    chunk.judged, chunk.judge_stats = judge.judge.options(num_returns=2).remote(
+                        chunk.rollouts
+                    )
+                except RayActorError:
+                    pending.chunks[i] = self._submit_chunk(chunk.problems, i)
+                lost += 1
+        pending.experience = self.aggregator.score_parts.remote(*(c.part for c in pending.chunks))
+        return lost
+
+    def _resync_restarted(self) -> None:
+        """A restarted rollout actor comes back with the base weights: load the current ones."""
+        for w in self.rollout:
+            state = ray.get(w.state.remote())  # waits for the restart to finish
+            if state["version"] < self.version:
+                ray.get(w.load_weights.remote(self.latest_weights, self.version))
+
+    # ------------------------------------------------------ train, sync, ckpt
+
+    def _learners(self, method: str, *args):
+        try:
+            return getattr(self.learners, method)(*args)
+        except RayActorError as err:
+            last = self.checkpoints.latest()
+            where = (
+                f"the last checkpoint is {last}" if last else "no checkpoint has been written yet"
+            )
+            raise LearnerDiedError(
+                f"a learner rank died during {method} at step {self.step + 1} ({type(err).__name__}); "
+                f"ZeRO-3 state is sharded across ranks, so the run stops. {where}; rerun with "
+                f"trainer.resume=auto trainer.checkpoint_dir={self.checkpoints.dir} to continue."
+            ) from err
+
+    def _sync(self) -> list[ray.ObjectRef]:
+        """Gather the learner's weights in buckets and start loading them into every engine."""
+        self.version += 1
+        self.latest_weights = self._learners(
+            "gather_weight_buckets", self.cfg.trainer.sync.bucket_mb << 20
+        )
+        return [w.load_weights.remote(self.latest_weights, self.version) for w in self.rollout]
+
+    def _save(self) -> Path:
+        """Checkpoint learner + driver state at the end of `self.step` (nothing in flight)."""
+        tmp = self.checkpoints.begin(self.step)
+        self._learners("save_checkpoint", str(tmp / "learner"))
+        state = {
+            "step": self.step,
+            "version": self.version,
+            "stream": self.stream.state(),
+            "rollout": ray.get([w.state.remote() for w in self.rollout]),
+            "judge": ray.get([j.state.remote() for j in self.judges]),
+        }
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
+        return self.checkpoints.commit(tmp, self.step, state)
+
+    def _resume(self) -> None:
+        resume = self.cfg.trainer.resume
+        self.checkpoints.sweep_partial()
+        ckpt = (
+            self.checkpoints.latest()
+            if resume == "auto"
+            else (Path(resume) if resume != "none" else None)
+        )
+        if ckpt is None:
+            return
+        state = read_driver_state(ckpt)
+        self._learners("load_checkpoint", str(ckpt / "learner"))
+        self.step, self.version = state["step"], state["version"] - 1
+        self.stream = ProblemStream(self.problems, self.cfg.trainer.seed, **state["stream"])
+        ray.get([w.restore.remote(s) for w, s in zip(self.rollout, state["rollout"], strict=True)])
+        ray.get([j.restore.remote(s) for j, s in zip(self.judges, state["judge"], strict=True)])
+        ray.get(self._sync())  # engines start from the checkpoint's policy
+        print(f"[capo_dist] resumed from {ckpt} at step {self.step}")
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> Path:
+        """Train until `trainer.total_steps`; returns the run directory."""
+        cfg, t = self.cfg, self.cfg.trainer
+        pending = self._collect() if self.step < t.total_steps else None
+        while self.step < t.total_steps:
+            t0 = time.perf_counter()
+            exp, rollout_stats, judge_stats, recovered = self._finish(pending)
+            last = self.step + 1 == t.total_steps
+            save = last or (t.checkpoint_every and (self.step + 1) % t.checkpoint_every == 0)
+            # Overlap: the next batch is generated with weights one update behind. Not
+            # before a checkpoint, so a checkpoint never has a batch in flight.
+            pending = self._collect() if t.max_staleness >= 1 and not (last or save) else None
+            t_train = time.perf_counter()
+            train = self._learners("train_step", exp.batch)
+            t_sync = time.perf_counter()
+            load_times = ray.get(self._sync())
+            t_end = time.perf_counter()
+            self.step += 1
+            time_rollout = sum(s["rollout_seconds"] for s in rollout_stats) / len(self.rollout)
+            record = {
+                "step": self.step,
+                **exp.metrics,
+                **{f"train_{k}": v for k, v in train.items()},
+                "prompts": len({s["uid"] for s in exp.samples}),
+                "responses": len(exp.samples),
+                "chunks_recovered": recovered,
+                "policy_version": self.version,
+                "tokens_per_s": sum(s["rollout_tokens"] for s in rollout_stats)
+                / max(time_rollout, 1e-9),
+                "time_rollout": time_rollout,
+                "time_judge": sum(s["judge_seconds"] for s in judge_stats)
+                / max(len(self.judges), 1),
+                "time_train": t_sync - t_train,
+                "time_sync": t_end - t_sync,
+                "time_sync_load": max(load_times),
+                "time_wait": t_train - t0,
+                "time_step": t_end - t0,
+            }
+            self.logger.log(record)
+            if cfg.logging.samples_every and self.step % cfg.logging.samples_every == 0:
+                self.logger.write_samples(self.step, exp.samples[: cfg.logging.samples_per_step])
+            if save:
+                self._save()
+            if pending is None and not last:
+                pending = self._collect()
+        if t.export_hf:
+            self._learners("export_hf", str(self.run_dir / "policy"))
+        self.logger.close()
+        return self.run_dir
+
+    def close(self) -> None:
+        """Stop this run's actors so the next run (e.g. in a sweep) starts clean."""
+        for actor in [*self.rollout, *self.judges, self.aggregator]:
+            ray.kill(actor, no_restart=True)
+        self.learners.shutdown()
+        if not self.cfg.ray.address:
+            ray.shutdown()
