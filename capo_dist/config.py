@@ -97,7 +97,7 @@ class JudgeConfig:
     num_gpus_per_worker: float = 0.0
     kv_cache_space_gib: float = 1.0
     gpu_memory_utilization: float = 0.85
-    max_model_len: int = 4096
+    max_model_len: int | None = None  # null: the judge model's own context length
     temperature: float = 0.7
     max_tokens: int = 512
     include_reference: bool = True
@@ -171,6 +171,18 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic evaluation of the live policy on benchmark files (see capo_dist.evaluate)."""
+
+    every: int = 0  # steps; 0 = never. The final step is always evaluated when benches are set.
+    benches: dict[str, str] = field(default_factory=dict)  # name -> JSONL path
+    k: int = 4
+    temperature: float = 0.6
+    max_new_tokens: int = 256
+    limit: int | None = None  # first N problems of each bench
+
+
+@dataclass
 class LoggingConfig:
     """Where metrics go: `metrics.jsonl` always, wandb by mode."""
 
@@ -203,6 +215,7 @@ class RunConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     capo: CapoConfig = field(default_factory=CapoConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     run_dir: str = "."
@@ -281,6 +294,11 @@ def validate(cfg: RunConfig) -> None:
         if not cfg.judge.base_url or not cfg.judge.model:
             raise ConfigError(
                 "judge.backend=openai needs judge.base_url (e.g. http://127.0.0.1:8000/v1) and judge.model"
+            )
+    for name, path in cfg.eval.benches.items():
+        if not Path(path).is_file():
+            raise ConfigError(
+                f"eval.benches.{name}={path!r} is not a file; give a benchmark JSONL path"
             )
     if not 0.0 <= cfg.judge.flip_prob <= 1.0:
         raise ConfigError(f"judge.flip_prob={cfg.judge.flip_prob} must be in [0, 1]")

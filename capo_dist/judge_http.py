@@ -65,7 +65,11 @@ class HttpJudgeClient:
             if not isinstance(ch, dict):
                 out.append(None)
                 continue
-            text = ch.get("message", {}).get("content") if self.config.api == "chat" else ch.get("text")
+            text = (
+                ch.get("message", {}).get("content")
+                if self.config.api == "chat"
+                else ch.get("text")
+            )
             out.append(text if isinstance(text, str) and text.strip() else None)
         return out + [None] * (n - len(out))
 
@@ -77,7 +81,9 @@ class HttpJudgeClient:
         for attempt in range(self.config.max_retries + 1):
             reason = None
             try:
-                resp = self._session.post(url, json=self._payload(prompt, n), timeout=self.config.timeout_s)
+                resp = self._session.post(
+                    url, json=self._payload(prompt, n), timeout=self.config.timeout_s
+                )
                 if resp.status_code == 200:
                     return self._texts(resp.json(), n)
                 reason = f"http_{resp.status_code}"

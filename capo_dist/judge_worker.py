@@ -101,6 +101,12 @@ class EngineBackend:
         )
         self.cfg = cfg
         self.skipped_too_long = 0
+        if cfg.max_model_len is None:
+            from transformers import AutoConfig
+
+            self.context = int(AutoConfig.from_pretrained(model_path).max_position_embeddings)
+        else:
+            self.context = cfg.max_model_len
 
     def _encode(self, prompt: str) -> list[int]:
         tok = self.engine.tokenizer()
@@ -114,7 +120,7 @@ class EngineBackend:
         prompts = [
             self._encode(build_critique_prompt(r.question, r.steps, r.reference)) for r in requests
         ]
-        budget = self.cfg.max_model_len - self.cfg.max_tokens
+        budget = self.context - self.cfg.max_tokens
         fits = [i for i, p in enumerate(prompts) if len(p) <= budget]
         self.skipped_too_long += len(prompts) - len(fits)
         out: list[list[str | None]] = [[None] * n for _ in prompts]

@@ -180,6 +180,28 @@ def _quiet_deepspeed() -> None:
     )
 
 
+def _weights_only_checkpoint_engine():
+    """DeepSpeed's torch checkpoint engine, but loading with `torch.load(weights_only=True)`.
+
+    DeepSpeed 0.19.8 loads its own checkpoint files with `weights_only=False`,
+    i.e. full unpickling: a tampered checkpoint could run code. This loads
+    tensors and plain containers only, plus the few DeepSpeed state classes
+    its optimizer files hold (named here, nothing else).
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine()
+
+
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so left and right padding give the same result."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -310,6 +332,7 @@ class Learner:
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
         )
+        self.engine.checkpoint_engine = _weights_only_checkpoint_engine()
         if cfg.kl_coef > 0:
             ref_ds = _reference_deepspeed_config(cfg)
             ref = self._build_model(cfg.ref_model_path or cfg.model_path, ref_ds)
@@ -673,6 +696,19 @@ def _master_endpoint() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
+def _get_all(refs: list[ray.ObjectRef]) -> list[Any]:
+    """Results of all ranks, failing as soon as ANY rank fails.
+
+    A plain `ray.get(refs)` would block on rank 0, which waits forever inside a
+    collective for a peer that has died; this surfaces the dead rank's error.
+    """
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)  # raises the failed rank's error at once
+    return ray.get(refs)
+
+
 class LearnerGroup:
     """Driver-side handle of the W learner ranks: creates them and fans every call out to all.
 
@@ -716,14 +752,14 @@ class LearnerGroup:
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         """Call `method(*args)` on every rank at once and wait for all results."""
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+        return _get_all([getattr(a, method).remote(*args) for a in self.actors])
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One PPO update on `batch` (rank r trains rows r::W); metrics reduced over ranks."""
         refs = [
             a.train_step.remote(batch.shard(r, self.world_size)) for r, a in enumerate(self.actors)
         ]
-        return ray.get(refs)[0]
+        return _get_all(refs)[0]
 
     def compute_logprobs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -735,7 +771,7 @@ class LearnerGroup:
             for r, a in enumerate(self.actors)
         ]
         out = torch.zeros(input_ids.shape, dtype=torch.float32)
-        for r, lp in enumerate(ray.get(refs)):
+        for r, lp in enumerate(_get_all(refs)):
             out[r::w] = lp
         return out
 

@@ -79,9 +79,9 @@ def build_tiny_model(
 
     spec = spec or TinyModelSpec()
     texts = list(texts)
-    digest = hashlib.sha256(
-        json.dumps([asdict(spec), texts], sort_keys=True).encode()
-    ).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([asdict(spec), texts], sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
     out = Path(out_dir)
     if (out / "capo_tiny.json").exists():
         if json.loads((out / "capo_tiny.json").read_text()).get("digest") == digest:

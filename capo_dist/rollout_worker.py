@@ -12,6 +12,7 @@ import time
 
 import ray
 
+from capo_dist import telemetry
 from capo_dist.config import RolloutConfig
 from capo_dist.types import Problem, Rollout, SamplingSpec
 
@@ -47,6 +48,8 @@ class RolloutWorker:
         )
         self.version = 0
         self.calls = 0
+        self.verifier = None
+        self.role = ray.get_runtime_context().get_actor_name() or "rollout"
 
     def generate(self, problems: list[Problem]) -> tuple[list[Rollout], dict[str, float]]:
         """`samples_per_prompt` rollouts per problem, grouped by problem, plus timing."""
@@ -75,6 +78,7 @@ class RolloutWorker:
         ]
         seconds = time.perf_counter() - start
         tokens = sum(len(r.completion.token_ids) for r in rollouts)
+        telemetry.record("capo_rollout_tokens_per_s", tokens / max(seconds, 1e-9), self.role)
         return rollouts, {"rollout_seconds": seconds, "rollout_tokens": float(tokens)}
 
     def load_weights(self, bucket_refs: list[ray.ObjectRef], version: int) -> float:
@@ -82,6 +86,40 @@ class RolloutWorker:
         start = time.perf_counter()
         for ref in bucket_refs:
             self.engine.load_weights(ray.get(ref).unpack())
+        self.version = version
+        return time.perf_counter() - start
+
+    def evaluate(
+        self, benches: dict[str, list[Problem]], k: int, temperature: float, max_new_tokens: int
+    ):
+        """Score the current policy on `benches` (pass@1 greedy, mean@k); an `EvalResult`."""
+        from capo_dist.evaluate import evaluate_engine
+
+        if self.verifier is None:
+            from capo_dist.rewards.verifier import Verifier
+
+            self.verifier = Verifier()
+        return evaluate_engine(
+            self.engine,
+            benches,
+            k,
+            temperature,
+            max_new_tokens,
+            self.template,
+            seed=self.seed,
+            verifier=self.verifier,
+        )
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """GPU only: join the learner's NCCL group (vLLM 0.32 weight transfer; see weight_sync)."""
+        self.engine.init_weight_transfer_engine(init_info)
+
+    def receive_weights_nccl(self, update_info: dict, version: int) -> float:
+        """GPU only: receive one NCCL broadcast of every parameter; returns seconds spent."""
+        start = time.perf_counter()
+        self.engine.start_weight_update()
+        self.engine.update_weights(update_info)
+        self.engine.finish_weight_update(str(version))
         self.version = version
         return time.perf_counter() - start
 

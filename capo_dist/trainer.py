@@ -23,12 +23,14 @@ from pathlib import Path
 
 import ray
 from omegaconf import OmegaConf
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
+from capo_dist import telemetry
 from capo_dist.aggregator import RewardAggregator
 from capo_dist.checkpoint import CheckpointManager, read_driver_state
 from capo_dist.config import RunConfig, validate, validate_resources
 from capo_dist.data import DataStats, ProblemStream, load_jsonl, synthetic_arith
+from capo_dist.evaluate import load_bench
 from capo_dist.experience import Experience
 from capo_dist.judge_worker import JudgeWorker
 from capo_dist.learner import LearnerConfig, LearnerGroup
@@ -40,6 +42,8 @@ from capo_dist.types import Problem
 
 # Ray restarts a dead rollout/judge actor this many times before giving up on it.
 ACTOR_RESTARTS = 3
+# What a dead or restarting actor raises (also when it failed upstream of a task's input).
+WORKER_LOST = RayActorError
 
 
 class LearnerDiedError(RuntimeError):
@@ -123,6 +127,18 @@ def init_ray(cfg: RunConfig) -> None:
         ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, roles), **kwargs)
 
 
+def _state_after_restart(actor, timeout_s: float = 300.0) -> dict:
+    """`actor.state()`, waiting while Ray restarts the actor (it answers 'unavailable' then)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(actor.state.remote())
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 class Trainer:
     """Owns the roles of one run and drives the loop."""
 
@@ -137,8 +153,15 @@ class Trainer:
         )
         init_ray(cfg)
         validate_resources(cfg, ray.cluster_resources())
+        self.transport = cfg.trainer.sync.transport
         self._start_roles()
+        if self.transport == "nccl":
+            self._init_nccl()
         self.stream = ProblemStream(self.problems, cfg.trainer.seed)
+        self.benches = {
+            name: load_bench(path, name)[0][: cfg.eval.limit]
+            for name, path in cfg.eval.benches.items()
+        }
         self.step = self.version = 0
         self.latest_weights: list[ray.ObjectRef] = []
         self._resume()
@@ -153,6 +176,8 @@ class Trainer:
             opts, engine_kwargs = engine_actor_options(
                 f"rollout-{i}", cfg.rollout.tensor_parallel_size, cfg.rollout.num_gpus_per_worker
             )
+            if self.transport == "nccl":
+                engine_kwargs["weight_transfer_backend"] = "nccl"
             self.rollout.append(
                 RolloutWorker.options(**opts, max_restarts=ACTOR_RESTARTS).remote(
                     cfg.rollout,
@@ -237,7 +262,9 @@ class Trainer:
                     [c.judge_stats for c in pending.chunks if c.judge_stats is not None]
                 )
                 return exp, rollout_stats, judge_stats, recovered
-            except RayActorError:
+            except WORKER_LOST as err:
+                if getattr(err, "actor_init_failed", False):  # a bug or a bad setting, not a crash: say what it was
+                    raise RuntimeError(f"a rollout/judge worker failed to start:\n{err}") from None
                 recovered += self._recover(pending)
         raise RuntimeError(
             f"step {self.step + 1}: rollout/judge workers kept dying after "
@@ -251,7 +278,7 @@ class Trainer:
         for i, chunk in enumerate(pending.chunks):
             try:
                 ray.get(chunk.part)
-            except RayActorError:
+            except WORKER_LOST:
                 try:
                     ray.get(chunk.rollouts)
                     judge = self.judges[i % len(self.judges)]
@@ -265,11 +292,27 @@ class Trainer:
         return lost
 
     def _resync_restarted(self) -> None:
-        """A restarted rollout actor comes back with the base weights: load the current ones."""
-        for w in self.rollout:
-            state = ray.get(w.state.remote())  # waits for the restart to finish
-            if state["version"] < self.version:
-                ray.get(w.load_weights.remote(self.latest_weights, self.version))
+        """A restarted rollout actor comes back with the base weights: load the current ones.
+
+        A restarted engine is no longer in the NCCL group, so after a restart the
+        run syncs through the object store from then on (slower, but it goes on).
+        """
+        states = [_state_after_restart(w) for w in self.rollout]
+        behind = [
+            w for w, s in zip(self.rollout, states, strict=True) if s["version"] < self.version
+        ]
+        if not behind:
+            return
+        if self.transport == "nccl":
+            print(
+                "[capo_dist] a rollout engine restarted: weight sync falls back to the object store"
+            )
+            self.transport = "object_store"
+        if not self.latest_weights:
+            self.latest_weights = self._learners(
+                "gather_weight_buckets", self.cfg.trainer.sync.bucket_mb << 20
+            )
+        ray.get([w.load_weights.remote(self.latest_weights, self.version) for w in behind])
 
     # ------------------------------------------------------ train, sync, ckpt
 
@@ -294,6 +337,15 @@ class Trainer:
             "gather_weight_buckets", self.cfg.trainer.sync.bucket_mb << 20
         )
         return [w.load_weights.remote(self.latest_weights, self.version) for w in self.rollout]
+
+    def _evaluate(self) -> dict[str, float]:
+        """Evaluate the just-synced policy on rollout-0; tables in <run_dir>/eval/step_N/."""
+        e = self.cfg.eval
+        result = ray.get(
+            self.rollout[0].evaluate.remote(self.benches, e.k, e.temperature, e.max_new_tokens)
+        )
+        result.write(self.run_dir / "eval" / f"step_{self.step:06d}")
+        return result.as_metrics()
 
     def _save(self) -> Path:
         """Checkpoint learner + driver state at the end of `self.step` (nothing in flight)."""
@@ -368,7 +420,15 @@ class Trainer:
                 "time_wait": t_train - t0,
                 "time_step": t_end - t0,
             }
+            if self.benches and (last or (cfg.eval.every and self.step % cfg.eval.every == 0)):
+                record.update(self._evaluate())
             self.logger.log(record)
+            telemetry.record("capo_learner_step_s", record["time_train"], "driver")
+            telemetry.record("capo_weight_sync_s", record["time_sync"], "driver")
+            telemetry.record("capo_step_s", record["time_step"], "driver")
+            telemetry.record(
+                "capo_chunks_in_flight", len(pending.chunks) if pending else 0, "driver"
+            )
             if cfg.logging.samples_every and self.step % cfg.logging.samples_every == 0:
                 self.logger.write_samples(self.step, exp.samples[: cfg.logging.samples_per_step])
             if save:

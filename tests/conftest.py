@@ -14,3 +14,9 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (clone the repo beside shared/)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def model_build_dir(tmp_path_factory) -> Path:
+    """One directory for the locally built tiny policy, shared by every run in the session."""
+    return tmp_path_factory.mktemp("models")

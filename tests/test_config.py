@@ -11,7 +11,13 @@ from omegaconf import OmegaConf
 from capo_dist.config import ConfigError, RunConfig, validate, validate_resources
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-EXPERIMENTS = ["tiny_cpu", "llama3b_intersection", "llama1b_intersection", "qwen1.5b_intersection", "qwen7b_majority"]
+EXPERIMENTS = [
+    "tiny_cpu",
+    "llama3b_intersection",
+    "llama1b_intersection",
+    "qwen1.5b_intersection",
+    "qwen7b_majority",
+]
 
 
 def load(*overrides: str) -> RunConfig:
@@ -56,10 +62,16 @@ def test_contract_keys_exist():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("capo.vote=plurality", "capo.vote='plurality' is not valid; choose one of: intersection, majority, union, average"),
+        (
+            "capo.vote=plurality",
+            "capo.vote='plurality' is not valid; choose one of: intersection, majority, union, average",
+        ),
         ("rollout.samples_per_prompt=1", "rollout.samples_per_prompt=1 must be >= 2"),
         ("judge.backend=gpt", "judge.backend='gpt' is not valid"),
-        ("rollout.backend=sglang", "rollout.backend='sglang' is not valid; choose one of: vllm, hf"),
+        (
+            "rollout.backend=sglang",
+            "rollout.backend='sglang' is not valid; choose one of: vllm, hf",
+        ),
         ("model.path=/nonexistent/model", "model.path='/nonexistent/model' does not exist"),
         ("data.path=/nonexistent.jsonl", "data.path='/nonexistent.jsonl' is not a file"),
         ("trainer.max_staleness=3", "trainer.max_staleness=3 is not supported"),
@@ -101,3 +113,19 @@ def test_bad_config_fails_before_any_actor(tmp_path):
     assert out.returncode == 2
     assert "capo.vote='plurality' is not valid" in out.stderr
     assert "Started a local Ray instance" not in out.stderr + out.stdout
+
+
+def test_dashboard_binds_loopback_by_default():
+    """With the dashboard on, the default run serves it on 127.0.0.1 only."""
+    import ray
+
+    from capo_dist.trainer import init_ray
+
+    cfg = load("ray.dashboard=true", "ray.num_cpus=1")
+    assert cfg.ray.dashboard_host == "127.0.0.1"
+    init_ray(cfg)
+    try:
+        url = ray._private.worker.global_worker.node.address_info["webui_url"]
+        assert url.startswith("127.0.0.1:"), url
+    finally:
+        ray.shutdown()

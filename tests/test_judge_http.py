@@ -31,7 +31,9 @@ class ScriptedEndpoint:
                 time.sleep(delay)
                 self.send_response(status)
                 self.end_headers()
-                self.wfile.write(payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+                self.wfile.write(
+                    payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                )
 
             def log_message(self, *args):
                 pass
@@ -55,7 +57,9 @@ def client_for(monkeypatch):
     def make(replies, **kw):
         server = ScriptedEndpoint(replies)
         servers.append(server)
-        cfg = HttpJudgeConfig(base_url=server.url, model="judge", backoff_s=0.01, timeout_s=1.0, **kw)
+        cfg = HttpJudgeConfig(
+            base_url=server.url, model="judge", backoff_s=0.01, timeout_s=1.0, **kw
+        )
         return server, HttpJudgeClient(cfg)
 
     yield make
@@ -67,7 +71,7 @@ def test_one_request_for_n_critiques_with_key_from_env(client_for, monkeypatch):
     monkeypatch.setenv("CAPO_JUDGE_API_KEY", "sk-secret-123")
     server, client = client_for([(200, chat("Wrong step list: [1]", "Wrong step list: []"), 0)])
     assert client.critique("prompt", 2) == ["Wrong step list: [1]", "Wrong step list: []"]
-    (path, headers, body), = server.requests
+    ((path, headers, body),) = server.requests
     assert path == "/v1/chat/completions" and body["n"] == 2
     assert headers["Authorization"] == "Bearer sk-secret-123"
     assert "sk-secret-123" not in repr(client.config)
@@ -75,7 +79,12 @@ def test_one_request_for_n_critiques_with_key_from_env(client_for, monkeypatch):
 
 def test_transient_errors_are_retried_then_succeed(client_for):
     server, client = client_for(
-        [(500, b"boom", 0), (200, b"not json", 0), (429, b"slow down", 0), (200, chat("Wrong step list: [0]"), 0)],
+        [
+            (500, b"boom", 0),
+            (200, b"not json", 0),
+            (429, b"slow down", 0),
+            (200, chat("Wrong step list: [0]"), 0),
+        ],
         max_retries=3,
     )
     assert client.critique("p", 1) == ["Wrong step list: [0]"]
@@ -89,7 +98,9 @@ def test_gives_up_and_abstains(client_for):
 
 
 def test_timeout_and_empty_bodies_abstain(client_for):
-    server, client = client_for([(200, chat("late"), 1.5), (200, {"choices": []}, 0)], max_retries=1)
+    server, client = client_for(
+        [(200, chat("late"), 1.5), (200, {"choices": []}, 0)], max_retries=1
+    )
     assert client.critique("p", 2) == [None, None]
     assert client.failures["timeout"] == 1 and client.failures["malformed"] == 1
 
@@ -101,12 +112,16 @@ def test_client_errors_are_not_retried(client_for):
 
 
 def test_connection_refused_abstains():
-    client = HttpJudgeClient(HttpJudgeConfig(base_url="http://127.0.0.1:9/v1", model="m", max_retries=1, backoff_s=0.01))
+    client = HttpJudgeClient(
+        HttpJudgeConfig(base_url="http://127.0.0.1:9/v1", model="m", max_retries=1, backoff_s=0.01)
+    )
     assert client.critique("p", 2) == [None, None]
     assert client.failures["connection"] == 2
 
 
 def test_completions_api_and_partial_choices(client_for):
-    server, client = client_for([(200, {"choices": [{"text": "Wrong step list: []"}, {"text": ""}]}, 0)], api="completions")
+    server, client = client_for(
+        [(200, {"choices": [{"text": "Wrong step list: []"}, {"text": ""}]}, 0)], api="completions"
+    )
     assert client.critique("p", 3) == ["Wrong step list: []", None, None]
     assert server.requests[0][0] == "/v1/completions" and server.requests[0][2]["prompt"] == "p"

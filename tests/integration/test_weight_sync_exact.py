@@ -10,8 +10,7 @@ from capo_dist.learner import LearnerConfig, LearnerGroup
 from capo_dist.rollout_worker import RolloutWorker
 from capo_dist.trainer import load_problems, prepare_policy
 from capo_dist.types import TrainBatch
-
-from .conftest import compose_run
+from tests.runs import compose_run
 
 pytestmark = pytest.mark.slow
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -356,3 +357,26 @@ def test_export_hf_reloads_with_auto_model(learners: Group, tmp_path: Path) -> N
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), weights[name]), name
     assert AutoTokenizer.from_pretrained(str(out)).pad_token == "<|pad|>"
+
+
+class _Payload:
+    """A pickle that runs a command when unpickled (what a tampered checkpoint would hold)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_tampered_checkpoint_is_refused_without_running_code(learners: Group, tmp_path: Path) -> None:
+    """Checkpoints load with torch.load(weights_only=True): a pickled payload is refused."""
+    learners.group.save_checkpoint(str(tmp_path / "ckpt"))
+    marker = tmp_path / "pwned"
+    optim_files = list((tmp_path / "ckpt").glob("*/*optim_states.pt"))
+    assert len(optim_files) == 2  # one per rank: tamper both, so no rank waits on the other
+    for path in optim_files:
+        torch.save({"optimizer_state_dict": _Payload(str(marker))}, path)
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        learners.group.load_checkpoint(str(tmp_path / "ckpt"))
+    assert not marker.exists()

@@ -1,15 +1,14 @@
-"""Helpers for end-to-end runs: compose the real Hydra config and run the real Trainer."""
+"""Helpers for end-to-end runs: compose the real Hydra config of a fast CPU run, read its metrics."""
 
 import json
 from pathlib import Path
 
-import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from capo_dist.config import RunConfig
 
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 # Small and fast on 2 cores; everything else is the tiny_cpu default.
 FAST = [
@@ -31,9 +30,3 @@ def compose_run(run_dir: Path, build_dir: Path, *overrides: str) -> RunConfig:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="session")
-def model_build_dir(tmp_path_factory) -> Path:
-    """One directory for the locally built tiny policy, shared by every run in the session."""
-    return tmp_path_factory.mktemp("models")
