@@ -202,6 +202,8 @@ class RayConfig:
     num_cpus: int | None = None
     dashboard: bool = False
     dashboard_host: str = "127.0.0.1"
+    # Port of the node's Prometheus endpoint for `ray.util.metrics` (null: Ray picks one).
+    metrics_export_port: int | None = None
 
 
 @dataclass

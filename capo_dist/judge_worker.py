@@ -20,6 +20,7 @@ from typing import Protocol
 
 import ray
 
+from capo_dist import telemetry
 from capo_dist.config import JudgeConfig
 from capo_dist.rewards.critique import build_critique_prompt
 from capo_dist.rewards.steps import split_steps
@@ -203,6 +204,10 @@ class JudgeWorker:
             JudgedRollout(rollout=r, critiques=list(c))
             for r, c in zip(rollouts, texts, strict=True)
         ]
+        role = ray.get_runtime_context().get_actor_name() or "judge"
+        failed = sum(all(c is None for c in cs) for cs in texts)
+        telemetry.record("capo_judge_latency_s", time.perf_counter() - start, role)
+        telemetry.record("capo_judge_failed_share", failed / max(len(texts), 1), role)
         return judged, {
             "judge_seconds": time.perf_counter() - start,
             "judged": float(len(rollouts)),

@@ -121,6 +121,8 @@ def init_ray(cfg: RunConfig) -> None:
     kwargs = dict(include_dashboard=cfg.ray.dashboard, log_to_driver=True)
     if cfg.ray.dashboard:
         kwargs["dashboard_host"] = cfg.ray.dashboard_host
+    if cfg.ray.metrics_export_port and not cfg.ray.address:
+        kwargs["_metrics_export_port"] = cfg.ray.metrics_export_port
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
     else:
