@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,17 +43,8 @@ def gsm8k_gold(answer: str) -> str | None:
     return gold or None
 
 
-def load_jsonl(
-    path: str | Path,
-    question_key: str = "question",
-    answer_key: str = "answer",
-    answer_format: str = "gsm8k",
-    max_rows: int | None = None,
-) -> tuple[list[Problem], DataStats]:
-    """Read problems from a JSONL file, skipping and counting unusable rows."""
-    path = Path(path)
-    stats = DataStats()
-    problems: list[Problem] = []
+def jsonl_objects(path: Path, stats: DataStats) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each JSON-object line; other non-blank lines are counted in `stats`."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f):
             if not raw.strip():
@@ -69,23 +61,38 @@ def load_jsonl(
             if not isinstance(row, dict):
                 stats.skipped["not_an_object"] += 1
                 continue
-            question, answer = row.get(question_key), row.get(answer_key)
-            if not isinstance(question, str) or not question.strip():
-                stats.skipped[f"missing_{question_key}"] += 1
-                continue
-            if answer is None or (isinstance(answer, str) and not answer.strip()):
-                stats.skipped[f"missing_{answer_key}"] += 1
-                continue
-            answer = str(answer)
-            gold = gsm8k_gold(answer) if answer_format == "gsm8k" else answer.strip()
-            if not gold:
-                stats.skipped["no_gold_answer"] += 1
-                continue
-            uid = str(row.get("id", row.get("idx", f"{path.stem}-{lineno}")))
-            problems.append(Problem(uid=uid, question=question.strip(), gold=gold))
-            stats.kept += 1
-            if max_rows is not None and stats.kept >= max_rows:
-                break
+            yield lineno, row
+
+
+def load_jsonl(
+    path: str | Path,
+    question_key: str = "question",
+    answer_key: str = "answer",
+    answer_format: str = "gsm8k",
+    max_rows: int | None = None,
+) -> tuple[list[Problem], DataStats]:
+    """Read problems from a JSONL file, skipping and counting unusable rows."""
+    path = Path(path)
+    stats = DataStats()
+    problems: list[Problem] = []
+    for lineno, row in jsonl_objects(path, stats):
+        question, answer = row.get(question_key), row.get(answer_key)
+        if not isinstance(question, str) or not question.strip():
+            stats.skipped[f"missing_{question_key}"] += 1
+            continue
+        if answer is None or (isinstance(answer, str) and not answer.strip()):
+            stats.skipped[f"missing_{answer_key}"] += 1
+            continue
+        answer = str(answer)
+        gold = gsm8k_gold(answer) if answer_format == "gsm8k" else answer.strip()
+        if not gold:
+            stats.skipped["no_gold_answer"] += 1
+            continue
+        uid = str(row.get("id", row.get("idx", f"{path.stem}-{lineno}")))
+        problems.append(Problem(uid=uid, question=question.strip(), gold=gold))
+        stats.kept += 1
+        if max_rows is not None and stats.kept >= max_rows:
+            break
     if not problems:
         raise DataError(
             f"{path} has no usable rows ({stats.summary()}); check data.question_key={question_key!r}, "

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capo_dist.data import DataStats, gsm8k_gold
+from capo_dist.data import DataStats, gsm8k_gold, jsonl_objects
 from capo_dist.engines.base import GenerationEngine
 from capo_dist.rewards.answers import extract_answer
 from capo_dist.rewards.verifier import Verifier, default_verifier
@@ -126,39 +126,24 @@ def load_bench(path: str | Path, name: str) -> tuple[list[Problem], DataStats]:
     path = Path(path)
     stats = DataStats()
     problems: list[Problem] = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f):
-            if not raw.strip():
-                continue
-            stats.rows += 1
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                stats.skipped["not_utf8"] += 1
-                continue
-            except json.JSONDecodeError:
-                stats.skipped["bad_json"] += 1
-                continue
-            if not isinstance(row, dict):
-                stats.skipped["not_an_object"] += 1
-                continue
-            question = row.get("problem")
-            if not isinstance(question, str) or not question.strip():
-                question = row.get("question")
-            if not isinstance(question, str) or not question.strip():
-                stats.skipped["no_question"] += 1
-                continue
-            question = question.strip()
-            context = row.get("context")
-            if isinstance(context, str) and context.strip():
-                question = f"{context.strip()}\n\n{question}"
-            gold, reason = _row_gold(row)
-            if not gold:
-                stats.skipped[reason] += 1
-                continue
-            uid = row.get("id", row.get("idx", lineno))
-            problems.append(Problem(uid=f"{name}-{uid}", question=question, gold=gold))
-            stats.kept += 1
+    for lineno, row in jsonl_objects(path, stats):
+        question = row.get("problem")
+        if not isinstance(question, str) or not question.strip():
+            question = row.get("question")
+        if not isinstance(question, str) or not question.strip():
+            stats.skipped["no_question"] += 1
+            continue
+        question = question.strip()
+        context = row.get("context")
+        if isinstance(context, str) and context.strip():
+            question = f"{context.strip()}\n\n{question}"
+        gold, reason = _row_gold(row)
+        if not gold:
+            stats.skipped[reason] += 1
+            continue
+        uid = row.get("id", row.get("idx", lineno))
+        problems.append(Problem(uid=f"{name}-{uid}", question=question, gold=gold))
+        stats.kept += 1
     return problems, stats
 
 
