@@ -76,6 +76,10 @@ class HttpBackend:
             )
         )
 
+    def failed_requests(self) -> int:
+        """HTTP attempts that failed so far (each retry counts; giving up does not add one)."""
+        return sum(v for k, v in self.client.failures.items() if k != "gave_up")
+
     def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[list[str | None]]:
         return [
             self.client.critique(build_critique_prompt(r.question, r.steps, r.reference), n)
@@ -161,6 +165,10 @@ class JudgeWorker:
         self.failed_in_a_row = 0
         self.stats: Counter = Counter()
 
+    def _failed_requests(self) -> int:
+        count = getattr(self.backend, "failed_requests", None)
+        return count() if count else 0
+
     def state(self) -> dict:
         """The noisy checker's RNG state (JSON-able), so a resume draws the same flips."""
         rng = getattr(self.backend, "rng", None)
@@ -187,6 +195,7 @@ class JudgeWorker:
                     steps=[text[s:e] for s, e in split_steps(text)],
                 )
             )
+        failed_before = self._failed_requests()
         texts = self.backend.critiques(requests, self.n)
         for critiques in texts:
             if any(c is not None for c in critiques):
@@ -209,6 +218,7 @@ class JudgeWorker:
         telemetry.record("capo_judge_latency_s", time.perf_counter() - start, role)
         telemetry.record("capo_judge_failed_share", failed / max(len(texts), 1), role)
         return judged, {
+            "judge_request_failures": float(self._failed_requests() - failed_before),
             "judge_seconds": time.perf_counter() - start,
             "judged": float(len(rollouts)),
         }

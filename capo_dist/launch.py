@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from capo_dist.config import ConfigError, RunConfig
+from capo_dist.data import DataError
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -24,8 +25,8 @@ def main(dcfg: DictConfig) -> None:
 
     try:
         trainer = Trainer(cfg)
-    except ConfigError as err:
-        print(f"[capo_dist] configuration error: {err}", file=sys.stderr)
+    except (ConfigError, DataError) as err:
+        print(f"[capo_dist] {type(err).__name__}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
         run_dir = trainer.run()

@@ -29,7 +29,7 @@ from capo_dist import telemetry
 from capo_dist.aggregator import RewardAggregator
 from capo_dist.checkpoint import CheckpointManager, read_driver_state
 from capo_dist.config import RunConfig, validate, validate_resources
-from capo_dist.data import DataStats, ProblemStream, load_jsonl, synthetic_arith
+from capo_dist.data import DataError, DataStats, ProblemStream, load_jsonl, synthetic_arith
 from capo_dist.evaluate import load_bench
 from capo_dist.experience import Experience
 from capo_dist.judge_worker import JudgeWorker
@@ -149,6 +149,12 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.problems, self.data_stats, corpus = load_problems(cfg)
+        if len(self.problems) < cfg.rollout.prompts_per_step:
+            raise DataError(
+                f"the dataset has {len(self.problems)} usable problems ({self.data_stats.summary()}), "
+                f"fewer than rollout.prompts_per_step={cfg.rollout.prompts_per_step}: a step would "
+                "repeat a problem and merge its groups; lower rollout.prompts_per_step or add data"
+            )
         self.model_path = prepare_policy(cfg, corpus)
         self.checkpoints = CheckpointManager(
             cfg.trainer.checkpoint_dir, cfg.trainer.keep_checkpoints
@@ -265,7 +271,9 @@ class Trainer:
                 )
                 return exp, rollout_stats, judge_stats, recovered
             except WORKER_LOST as err:
-                if getattr(err, "actor_init_failed", False):  # a bug or a bad setting, not a crash: say what it was
+                if getattr(
+                    err, "actor_init_failed", False
+                ):  # a bug or a bad setting, not a crash: say what it was
                     raise RuntimeError(f"a rollout/judge worker failed to start:\n{err}") from None
                 recovered += self._recover(pending)
         raise RuntimeError(
@@ -416,6 +424,7 @@ class Trainer:
                 "time_rollout": time_rollout,
                 "time_judge": sum(s["judge_seconds"] for s in judge_stats)
                 / max(len(self.judges), 1),
+                "judge_request_failures": sum(s["judge_request_failures"] for s in judge_stats),
                 "time_train": t_sync - t_train,
                 "time_sync": t_end - t_sync,
                 "time_sync_load": max(load_times),

@@ -111,7 +111,7 @@ def test_cfg_job_prints_without_starting_anything():
 def test_bad_config_fails_before_any_actor(tmp_path):
     out = _launch("capo.vote=plurality", f"hydra.run.dir={tmp_path}")
     assert out.returncode == 2
-    assert "capo.vote='plurality' is not valid" in out.stderr
+    assert "ConfigError: capo.vote='plurality' is not valid" in out.stderr
     assert "Started a local Ray instance" not in out.stderr + out.stdout
 
 
@@ -129,3 +129,20 @@ def test_dashboard_binds_loopback_by_default():
         assert url.startswith("127.0.0.1:"), url
     finally:
         ray.shutdown()
+
+
+def test_dataset_smaller_than_a_step_fails_before_ray(tmp_path):
+    data = tmp_path / "tiny.jsonl"
+    data.write_text(
+        '{"question": "1+1?", "answer": "#### 2"}\n{"question": "", "answer": "#### 3"}\n'
+    )
+    out = _launch(
+        f"data.path={data}", "rollout.prompts_per_step=4", f"hydra.run.dir={tmp_path / 'run'}"
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert (
+        "DataError: the dataset has 1 usable problems (1/2 rows kept (skipped: missing_question: 1))"
+        in out.stderr
+    )
+    assert "rollout.prompts_per_step=4" in out.stderr
+    assert "Started a local Ray instance" not in out.stderr + out.stdout

@@ -369,7 +369,9 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_tampered_checkpoint_is_refused_without_running_code(learners: Group, tmp_path: Path) -> None:
+def test_tampered_checkpoint_is_refused_without_running_code(
+    learners: Group, tmp_path: Path
+) -> None:
     """Checkpoints load with torch.load(weights_only=True): a pickled payload is refused."""
     learners.group.save_checkpoint(str(tmp_path / "ckpt"))
     marker = tmp_path / "pwned"

@@ -5,7 +5,8 @@ import pytest
 
 from capo_dist.judge_worker import JudgeDownError
 from capo_dist.trainer import Trainer
-from tests.runs import compose_run
+from tests.runs import compose_run, read_metrics
+from tests.test_judge_http import ScriptedEndpoint, chat
 
 pytestmark = pytest.mark.slow
 
@@ -28,3 +29,28 @@ def test_dead_endpoint_fails_the_run(tmp_path, model_build_dir):
     finally:
         trainer.close()
     assert not (tmp_path / "metrics.jsonl").read_text().strip()  # no step was trained
+
+
+def test_flaky_endpoint_is_retried_and_counted(tmp_path, model_build_dir):
+    """HTTP 500s and a malformed body mid-step: retried with backoff, the step trains, the
+    failed attempts are in metrics (a real loopback HTTP server stands in for the 70B judge)."""
+    good = (200, chat("Step 0 looks fine.\nWrong step list: [0]", "Wrong step list: []"), 0)
+    server = ScriptedEndpoint([(500, b"boom", 0), (200, b"{not json", 0)] + [good] * 40)
+    cfg = compose_run(
+        tmp_path,
+        model_build_dir,
+        "judge.backend=openai",
+        f"judge.base_url={server.url}",
+        "judge.model=judge",
+        "judge.max_retries=2",
+        "rollout.backend=hf",
+    )
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+        server.close()
+    (record,) = read_metrics(tmp_path)
+    assert record["judge_request_failures"] == 2.0
+    assert record["judge_invalid_rate"] == 0.0  # every response got its critiques in the end
