@@ -89,6 +89,16 @@ class WeightBucket:
             for n, s, d in zip(self.names, self.shapes, self.dtypes, strict=True)
         ]
 
+    def __reduce__(self):
+        """Pickle `flat` as a numpy array: Ray then moves it out-of-band, zero-copy on read.
+
+        (A torch tensor would go through torch's own serialiser: the profiled
+        cost was ~0.15 s per 64 MiB bucket to put and ~0.1 s to get, vs
+        ~0.01-0.08 s and ~0.0004 s as numpy.)
+        """
+        flat = self.flat.detach().cpu().numpy()
+        return (_bucket_from_numpy, (self.names, self.shapes, self.dtypes, flat, self.nbytes))
+
     def to(self, device: torch.device | str) -> WeightBucket:
         """The same bucket with its bytes on `device` (no copy if already there)."""
         return WeightBucket(self.names, self.shapes, self.dtypes, self.flat.to(device), self.nbytes)
@@ -110,6 +120,16 @@ class WeightBucket:
             out.append((name, chunk.view(dtype).view(shape)))
             offset += n
         return out
+
+
+def _bucket_from_numpy(names, shapes, dtypes, flat, nbytes) -> WeightBucket:
+    """Rebuild a pickled bucket around the received bytes (read-only in Ray's object store:
+    the tensors are only ever copied into a model, never written)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return WeightBucket(names, shapes, dtypes, torch.from_numpy(flat), nbytes)
 
 
 def _cut(items: Iterable[T], size_of: Callable[[T], int], bucket_bytes: int) -> Iterator[list[T]]:
