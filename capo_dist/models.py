@@ -24,7 +24,7 @@ SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")
 
 @dataclass(frozen=True)
 class TinyModelSpec:
-    """Shape of a locally built Llama. Defaults: ~2.6 M parameters."""
+    """Shape of a locally built Llama (the vocabulary is capped by what the BPE trainer learns)."""
 
     vocab_size: int = 2048
     hidden_size: int = 128
