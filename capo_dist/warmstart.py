@@ -82,15 +82,19 @@ def _apply(op: str, a: int, b: int) -> int | None:
 
 
 def _carry_forward(eqs: list[re.Match[str]], i: int, wrong: int) -> list[str] | None:
-    """Equation steps from step `i` on, when step `i` results in `wrong` and the later
-    steps compute correctly from it; None when a later operation stops being valid."""
-    out, value = [], wrong
-    for j, m in enumerate(eqs[i:]):
-        a = int(m["a"]) if j == 0 else value
-        result = wrong if j == 0 else _apply(m["op"], a, int(m["b"]))
+    """Equation steps from step `i` on, when step `i` results in `wrong` and every
+    later step computes correctly from the value before it; None when a later
+    operation stops being a valid one (halving an odd number, giving away all)."""
+    m = eqs[i]
+    out = [f"{m['a']} {m['op']} {m['b']} = {wrong}, so {m['who']} has {wrong} {m['item']}."]
+    value = wrong
+    for m in eqs[i + 1 :]:
+        result = _apply(m["op"], value, int(m["b"]))
         if result is None:
             return None
-        out.append(f"{a} {m['op']} {m['b']} = {result}, so {m['who']} has {result} {m['item']}.")
+        out.append(
+            f"{value} {m['op']} {m['b']} = {result}, so {m['who']} has {result} {m['item']}."
+        )
         value = result
     return out
 
@@ -133,11 +137,10 @@ def corrupt_solution(
     # Carried forward: the first slip whose later steps stay valid operations; a
     # slip of +2^h (h = later halvings) always does, so it is the fallback.
     halvings = sum(e["op"] == "/" for e in eqs[i + 1 :])
-    for d in [*slips, 2**halvings]:
-        tail = _carry_forward(eqs, i, correct + d)
-        if tail is not None:
-            break
-    final = int(tail[-1].rsplit(" has ", 1)[1].split()[0])
+    tail = next(
+        t for d in [*slips, 2**halvings] if (t := _carry_forward(eqs, i, correct + d)) is not None
+    )
+    final = _STEP_RE.match(tail[-1])["c"]
     return [*steps[:i], *tail, f"The answer is {final}."], False
 
 
@@ -173,7 +176,6 @@ class WarmStartConfig:
     eval_samples: int = 4
     eval_temperature: float = 1.0
     eval_max_new_tokens: int = 96
-    digit_tokens: bool = False
     number_init: float = 0.0
     spec: TinyModelSpec = field(default_factory=TinyModelSpec)
 
@@ -290,8 +292,6 @@ def _build(staging: Path, cfg: WarmStartConfig, prompt_template: str) -> dict[st
         flawed += not clean
         lucky += not clean and steps[-1] == ap.steps[-1]
     texts = [p + s for p, s in zip(prompts, solutions, strict=True)]
-    if cfg.digit_tokens:  # no merge ever sees a digit: numbers are spelt digit by digit
-        texts = [re.sub(r"\d", "", t) for t in texts]
     base = build_tiny_model(staging / "base", texts, cfg.spec)
     tok = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
