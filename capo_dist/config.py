@@ -48,6 +48,10 @@ class ModelConfig:
     path: str | None = None
     dtype: str = "float32"
     build_dir: str = "${oc.env:HOME,/tmp}/.cache/capo_dist/models"
+    # With path null: SFT-warm-start the tiny policy on step-format arithmetic solutions
+    # (some with a wrong step) so it makes outcome and process errors (capo_dist.warmstart;
+    # ~3-6 min once, then cached). false: a randomly initialised tiny model (tests).
+    warm_start: bool = True
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 

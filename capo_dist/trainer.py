@@ -96,6 +96,11 @@ def prepare_policy(cfg: RunConfig, corpus: list[str]) -> str:
     """The policy checkpoint path: `model.path`, or a tiny Llama built locally (cached)."""
     if cfg.model.path:
         return cfg.model.path
+    if cfg.model.warm_start:
+        from capo_dist.warmstart import warm_start
+
+        print("[capo_dist] building the warm-started tiny policy (once; cached in model.build_dir)")
+        return str(warm_start(cfg.model.build_dir, prompt_template=cfg.data.prompt_template))
     from capo_dist.rewards.critique import build_critique_prompt
 
     t = cfg.model.tiny

@@ -9,7 +9,9 @@ the end (the final answer is wrong) or the solution gets back on track (a
 compensating error, or it simply continues from the correct value) so that the
 final answer is right by luck. The resulting policy makes outcome errors and
 process errors of its own, which is what GRPO's group advantages and CAPO's
-step penalties need.
+step penalties need. Number tokens start with Fourier features of their value
+(a stand-in for pretraining); without them the tiny model barely learns
+addition and subtraction in a CPU-minutes budget.
 
 The build is deterministic (seeded init and data order, one intra-op thread)
 and cached on disk, keyed by a hash of the configuration and prompt template;
@@ -155,9 +157,16 @@ class WarmStartConfig:
     own problems use `data.seed`, 0 by default, so keep them apart); a share
     `flaw_rate` of its solutions has a wrong step, and a share `lucky_share`
     of those still ends on the gold answer. Training is `steps` AdamW updates
-    of `batch_size` sequences, linear warmup then cosine decay to 10 % of `lr`.
-    The held-out evaluation samples `eval_samples` responses for each of
-    `eval_size` fresh problems at `eval_temperature`.
+    of `batch_size` sequences, linear warmup then cosine decay to 10 % of `lr`,
+    loss on the solution tokens and EOS only. `number_features` is the scale
+    of the Fourier features of their value added to the number tokens'
+    embeddings before training (0: plain random init); without them the tiny
+    model barely learns addition and subtraction within this budget. The
+    held-out evaluation samples `eval_samples` responses for each of
+    `eval_size` fresh problems (same operation counts) at `eval_temperature`.
+
+    Defaults (measured on one CPU core, ~3 min): sampled accuracy ~0.35,
+    ~65 % of responses with a wrong step, ~60 % of 4-sample groups mixed.
     """
 
     train_size: int = 4000
@@ -166,17 +175,17 @@ class WarmStartConfig:
     max_ops: int = 3
     flaw_rate: float = 0.3
     lucky_share: float = 0.5
-    steps: int = 600
-    batch_size: int = 32
+    steps: int = 1800
+    batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    eval_size: int = 64
+    eval_size: int = 128
     eval_samples: int = 4
     eval_temperature: float = 1.0
     eval_max_new_tokens: int = 96
-    number_init: float = 0.0
+    number_features: float = 0.2
     spec: TinyModelSpec = field(default_factory=TinyModelSpec)
 
 
@@ -209,9 +218,10 @@ def _batch_order(lengths: list[int], batch_size: int, seed: int) -> Iterator[lis
 
 
 def _number_sense(model: Any, tok: Any, scale: float) -> None:
-    """Give every number token (`12`, ` 12`) Fourier features of its value in its
-    input and output embedding: a stand-in for the number sense of a pretrained
-    LLM, whose number embeddings are known to be Fourier-like."""
+    """Add `scale` x Fourier features of its value (cos/sin at periods 2…2000) to
+    the input and output embedding of every number token (`12` and ` 12` alike):
+    a stand-in for a pretrained LLM's number sense, whose number embeddings are
+    known to be Fourier-like. It makes the tiny model learn + and - in minutes."""
     import torch
 
     periods = (2, 3, 4, 5, 7, 10, 12, 16, 25, 50, 100, 250, 500, 1000, 2000)
@@ -229,6 +239,7 @@ def _number_sense(model: Any, tok: Any, scale: float) -> None:
 
 
 def _cache_key(cfg: WarmStartConfig, prompt_template: str) -> str:
+    """The hash naming a build: configuration, template and code version."""
     blob = json.dumps(
         {"version": WARMSTART_VERSION, "config": asdict(cfg), "template": prompt_template},
         sort_keys=True,
@@ -296,8 +307,8 @@ def _build(staging: Path, cfg: WarmStartConfig, prompt_template: str) -> dict[st
     tok = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     examples = [encode_example(tok, p, s) for p, s in zip(prompts, solutions, strict=True)]
-    if cfg.number_init:
-        _number_sense(model, tok, cfg.number_init)
+    if cfg.number_features:
+        _number_sense(model, tok, cfg.number_features)
 
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(
@@ -399,7 +410,8 @@ def evaluate_policy(
     `mixed_groups` (share of problems whose `n` samples are neither all right
     nor all wrong: those give GRPO a non-zero advantage), `mean_tokens`
     (generated tokens incl. EOS) and `truncated` (no EOS within
-    `max_new_tokens`).
+    `max_new_tokens`). A non-numeric answer may start the verifier's worker
+    pool: a script calling this needs an `if __name__ == "__main__":` guard.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -12,6 +12,7 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 # Small and fast on 2 cores; everything else is the tiny_cpu default.
 FAST = [
+    "model.warm_start=false",  # a random tiny policy: no SFT build in the test suite
     "trainer.total_steps=1",
     "rollout.prompts_per_step=4",
     "rollout.samples_per_prompt=2",
