@@ -31,8 +31,6 @@ class Experience:
 
     batch: TrainBatch
     metrics: dict[str, float]
-    token_rewards: torch.Tensor  # [B, T] response-token rewards, for reports
-    correct: list[bool]
     # One JSON-ready record per response: text, steps, token offsets, token rewards and
     # advantages, critiques and the voted step weights (what the credit report renders).
     samples: list[dict] = field(default_factory=list)
@@ -144,9 +142,7 @@ def make_experience(
         }
         for b, j in enumerate(judged)
     ]
-    return Experience(
-        batch=batch, metrics=metrics, token_rewards=rewards, correct=list(correct), samples=samples
-    )
+    return Experience(batch=batch, metrics=metrics, samples=samples)
 
 
 def _pack(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -105,7 +104,6 @@ class EngineBackend:
             **engine_kwargs,
         )
         self.cfg = cfg
-        self.skipped_too_long = 0
         if cfg.max_model_len is None:
             from transformers import AutoConfig
 
@@ -127,7 +125,6 @@ class EngineBackend:
         ]
         budget = self.context - self.cfg.max_tokens
         fits = [i for i, p in enumerate(prompts) if len(p) <= budget]
-        self.skipped_too_long += len(prompts) - len(fits)
         out: list[list[str | None]] = [[None] * n for _ in prompts]
         if fits:
             spec = SamplingSpec(
@@ -163,7 +160,6 @@ class JudgeWorker:
                 cfg, cfg.model_path or policy_model_path, seed, engine_kwargs or {}
             )
         self.failed_in_a_row = 0
-        self.stats: Counter = Counter()
 
     def _failed_requests(self) -> int:
         count = getattr(self.backend, "failed_requests", None)
@@ -202,7 +198,6 @@ class JudgeWorker:
                 self.failed_in_a_row = 0
             else:
                 self.failed_in_a_row += 1
-                self.stats["responses_without_critique"] += 1
         if self.failed_in_a_row >= self.cfg.max_consecutive_failures:
             raise JudgeDownError(
                 f"judge backend {self.cfg.backend!r} produced no critique for {self.failed_in_a_row} "
@@ -220,5 +215,4 @@ class JudgeWorker:
         return judged, {
             "judge_request_failures": float(self._failed_requests() - failed_before),
             "judge_seconds": time.perf_counter() - start,
-            "judged": float(len(rollouts)),
         }
