@@ -22,6 +22,13 @@ One `vllm.LLM` per engine. Facts this code relies on (vLLM 0.32):
   kernels support (32, 64, 80, 96, 112, 128, ...), and the CPU worker drops
   torch to 1 intra-op thread in this process and disables
   `torch.set_num_threads` for the rest of its life.
+* CPU, seeded sampling: with chunked prefill, a request whose prompt is
+  split over scheduler steps has its seeded generator rewound
+  (`gpu_model_runner._bookkeeping_sync`), which CPU generators cannot do
+  ("CPU Generator does not use offset"): any batch whose prompts exceed one
+  step's token budget crashed. Chunked prefill is therefore off on CPU; the
+  scheduler then admits whole prompts only, with a budget of at least
+  `max_model_len` tokens per step.
 
 Weights come in two ways:
 
@@ -112,6 +119,7 @@ class VLLMEngine:
         }
         if on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_space_gib * 2**30)
+            kwargs["enable_chunked_prefill"] = False
         if cfg.weight_transfer_backend is not None:
             from vllm.config import WeightTransferConfig
 

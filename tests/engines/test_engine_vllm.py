@@ -199,3 +199,16 @@ def test_loading_the_same_tensors_twice_before_generating(engine, hf, prompts, p
         )
         < ATOL
     )
+
+
+def test_seeded_batch_larger_than_the_token_budget(engine, prompts):
+    """A batch whose prompts exceed one scheduler step's token budget (an eval of
+    hundreds of problems) must sample, not crash: with chunked prefill on, vLLM's
+    CPU runner rewinds a partially-prefilled request's seeded generator, which CPU
+    generators cannot do ("CPU Generator does not use offset")."""
+    many = [p * 8 for p in prompts] * 64  # ~64 x len(prompts) prompts, long ones
+    budget = engine._llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    assert sum(len(p) for p in many) * 4 > budget  # n=4 children each prefill the prompt
+    out = engine.generate(many, SamplingSpec(n=4, max_tokens=4, seed=11))
+    assert [len(g) for g in out] == [4] * len(many)
+    assert all(len(c.token_ids) >= 1 for g in out for c in g)
