@@ -12,7 +12,9 @@ advantages (capo `group_response`, TRL `scale_rewards="group"`), fp32, no
 gradient checkpointing, and the same number of optimizer steps. Each side
 keeps its own batching for the update (capo: micro-batches of
 `trainer.micro_batch_size` rows per rank; TRL: the whole batch in one pass)
-and its own use of the cores (capo: one thread per 1-CPU Ray actor; TRL: one
+and its own use of the cores (capo: the rollout actor generates on
+`--rollout-cpus` threads, all cores by default in synchronous mode, where the
+learners wait for it, 1 with `--staleness 1`, where they overlap; TRL: one
 process with `torch.set_num_threads(all cores)`, `--trl-threads` to change).
 
 * capo_dist: the real `Trainer` (Ray, 1 vLLM CPU rollout worker, the reward
@@ -216,6 +218,12 @@ def main() -> None:
     ap.add_argument(
         "--trl-threads", type=int, default=0, help="torch threads of the TRL process (0: all cores)"
     )
+    ap.add_argument(
+        "--rollout-cpus",
+        type=int,
+        default=0,
+        help="rollout.num_cpus_per_worker (0: all cores with --staleness 0, else 1)",
+    )
     ap.add_argument("--quick", action="store_true", help="3 steps, short completions")
     ap.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -235,7 +243,9 @@ def main() -> None:
     quiet_ray_env()
     py = trl_python()
     samples_per_step = args.prompts * args.group
+    rollout_cpus = args.rollout_cpus or ((os.cpu_count() or 1) if args.staleness == 0 else 1)
     overrides = [
+        f"rollout.num_cpus_per_worker={rollout_cpus}",
         "capo.w_process=0",
         "capo.advantage=group_response",
         "rollout.backend=vllm",
@@ -318,7 +328,7 @@ def main() -> None:
             "setup",
             f"tiny_cpu policy, P={args.prompts} prompts × G={args.group}, "
             f"{args.max_tokens} new tokens, {args.steps} optimizer steps, "
-            f"capo max_staleness={args.staleness}",
+            f"capo max_staleness={args.staleness}, rollout on {rollout_cpus} thread(s)",
         ),
         ("capo_dist steady", f"{capo_sps:7.2f} samples/s  ({capo_step:.2f} s/step)"),
         (
@@ -344,8 +354,8 @@ def main() -> None:
         )
     )
     gen_why = (
-        f"the rollout actor is a 1-CPU Ray actor, so vLLM generates on 1 thread "
-        f"({stage['rollout']:.2f} s) while TRL's HF generate uses all "
+        f"the rollout actor's vLLM generates on {rollout_cpus} thread(s) "
+        f"({stage['rollout']:.2f} s) while TRL's HF generate uses "
         f"{trl.get('threads')} threads of its one process ({trl_stage['generate']:.2f} s); "
         "on a model this small vLLM's per-step scheduling and sampling in Python outweigh "
         "its batching (benchmarks.generation shows the crossover with model size)"
@@ -403,6 +413,7 @@ def main() -> None:
             "group": args.group,
             "max_tokens": args.max_tokens,
             "staleness": args.staleness,
+            "rollout_threads": rollout_cpus,
             "trl_version": trl.get("trl"),
             "trl_threads": trl.get("threads"),
             "goal_ratio": 1.0,

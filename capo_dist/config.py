@@ -83,6 +83,10 @@ class RolloutConfig:
     top_p: float = 1.0
     tensor_parallel_size: int = 1
     num_gpus_per_worker: float = 0.0
+    # Ray CPUs per rollout actor. On CPU it is also the engine's torch threads
+    # (Ray would pin a 1-CPU actor to one thread): 2 on a 2-core machine lets
+    # generation use both cores while the learners wait (trainer.max_staleness=0).
+    num_cpus_per_worker: float = 1.0
     kv_cache_space_gib: float = 1.0
     gpu_memory_utilization: float = 0.85
     max_model_len: int = 1024
@@ -282,6 +286,7 @@ def validate(cfg: RunConfig) -> None:
         )
     _at_least("rollout.prompts_per_step", cfg.rollout.prompts_per_step, 1)
     _at_least("rollout.tensor_parallel_size", cfg.rollout.tensor_parallel_size, 1)
+    _at_least("rollout.num_cpus_per_worker", cfg.rollout.num_cpus_per_worker, 1)
     _at_least("judge.tensor_parallel_size", cfg.judge.tensor_parallel_size, 1)
     if cfg.model.path is not None and _missing_checkpoint(cfg.model.path):
         raise ConfigError(

@@ -16,13 +16,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
 def engine_actor_options(
-    name: str, tensor_parallel_size: int, gpus_per_shard: float
+    name: str, tensor_parallel_size: int, gpus_per_shard: float, num_cpus: float = 1.0
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Ray `.options(...)` for an engine actor and the extra engine kwargs it needs."""
+    """Ray `.options(...)` for an engine actor (`num_cpus` Ray CPUs unless it is a
+    TP group, whose bundles hold them) and the extra engine kwargs it needs."""
     if gpus_per_shard <= 0:
-        return {"name": name, "num_cpus": 1}, {}
+        return {"name": name, "num_cpus": num_cpus}, {}
     if tensor_parallel_size == 1:
-        return {"name": name, "num_cpus": 1, "num_gpus": gpus_per_shard}, {}
+        return {"name": name, "num_cpus": num_cpus, "num_gpus": gpus_per_shard}, {}
     pg = placement_group([{"GPU": 1, "CPU": 1}] * tensor_parallel_size, strategy="STRICT_PACK")
     ray.get(pg.ready())
     options = {

@@ -32,6 +32,12 @@ class RolloutWorker:
     ):
         from capo_dist.engines import make_engine
 
+        if cfg.num_gpus_per_worker <= 0:
+            # Ray pins an actor's OMP/torch threads to floor(num_cpus), set here
+            # explicitly so it holds whatever imported torch first.
+            import torch
+
+            torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
         self.cfg = cfg
         self.template = prompt_template
         self.seed = seed

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -122,7 +123,8 @@ def init_ray(cfg: RunConfig) -> None:
     """Join `ray.address`, or start a local cluster with enough logical CPUs for every role."""
     if ray.is_initialized():
         return
-    roles = cfg.rollout.num_workers + cfg.judge.num_workers + 1 + cfg.trainer.num_learners
+    rollout_cpus = cfg.rollout.num_workers * math.ceil(cfg.rollout.num_cpus_per_worker)
+    roles = rollout_cpus + cfg.judge.num_workers + 1 + cfg.trainer.num_learners
     kwargs = dict(include_dashboard=cfg.ray.dashboard, log_to_driver=True)
     if cfg.ray.dashboard:
         kwargs["dashboard_host"] = cfg.ray.dashboard_host
@@ -187,7 +189,10 @@ class Trainer:
         self.rollout = []
         for i in range(cfg.rollout.num_workers):
             opts, engine_kwargs = engine_actor_options(
-                f"rollout-{i}", cfg.rollout.tensor_parallel_size, cfg.rollout.num_gpus_per_worker
+                f"rollout-{i}",
+                cfg.rollout.tensor_parallel_size,
+                cfg.rollout.num_gpus_per_worker,
+                cfg.rollout.num_cpus_per_worker,
             )
             if self.transport == "nccl":
                 engine_kwargs["weight_transfer_backend"] = "nccl"

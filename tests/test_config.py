@@ -75,6 +75,7 @@ def test_contract_keys_exist():
         ("model.path=/nonexistent/model", "model.path='/nonexistent/model' does not exist"),
         ("data.path=/nonexistent.jsonl", "data.path='/nonexistent.jsonl' is not a file"),
         ("trainer.max_staleness=3", "trainer.max_staleness=3 is not supported"),
+        ("rollout.num_cpus_per_worker=0.5", "rollout.num_cpus_per_worker=0.5 must be >= 1"),
         ("judge.backend=openai", "judge.backend=openai needs judge.base_url"),
     ],
 )

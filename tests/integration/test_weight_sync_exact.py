@@ -17,7 +17,9 @@ pytestmark = pytest.mark.slow
 
 def test_sync_makes_engine_match_learner(tmp_path, model_build_dir):
     # vLLM here; HF's load_weights is pinned against plain transformers in tests/engines.
-    cfg = compose_run(tmp_path, model_build_dir, "rollout.backend=vllm")
+    cfg = compose_run(
+        tmp_path, model_build_dir, "rollout.backend=vllm", "rollout.num_cpus_per_worker=2"
+    )
     model = prepare_policy(cfg, load_problems(cfg)[2])
     ray.init(num_cpus=6, include_dashboard=False)
     try:
@@ -27,6 +29,9 @@ def test_sync_makes_engine_match_learner(tmp_path, model_build_dir):
         engine = RolloutWorker.options(name="rollout-0").remote(
             cfg.rollout, model, "float32", cfg.data.prompt_template, 0
         )
+        # Ray alone would pin this actor's torch to 1 thread (OMP_NUM_THREADS=1).
+        threads = ray.get(engine.__ray_call__.remote(lambda _: torch.get_num_threads()))
+        assert threads == 2
         prompt, cont = list(range(5, 25)), list(range(100, 140))
         ids = torch.tensor([prompt + cont])
         before = torch.tensor(ray.get(engine.sequence_logprobs.remote(prompt, cont)))
