@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import sympy
 
+from capo_dist.rewards.steps import split_steps
+
 # An arithmetic left side: numbers, + - * / x × ÷, parentheses, spaces, '$' and ','.
 _EQUATION = re.compile(
     r"(?P<lhs>[\d$(.][\d\s.,$+\-*/×÷x()]{0,200}?)\s*=\s*\$?"
@@ -128,6 +130,11 @@ def step_is_correct(step: str) -> bool:
         if value != evaluate(m.group("rhs")):
             return False
     return True
+
+
+def solution_is_clean(response: str) -> bool:
+    """True iff every step of `response` (split as CAPO splits it) passes `step_is_correct`."""
+    return all(step_is_correct(response[s:e]) for s, e in split_steps(response))
 
 
 def format_critique(steps: Sequence[str], wrong: Sequence[bool]) -> str:

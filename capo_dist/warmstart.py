@@ -41,8 +41,7 @@ from typing import Any
 from capo_dist.config import DataConfig
 from capo_dist.data import ArithProblem, synthetic_arith
 from capo_dist.models import TinyModelSpec, build_tiny_model
-from capo_dist.rewards.steps import split_steps
-from capo_dist.step_checker import step_is_correct
+from capo_dist.step_checker import solution_is_clean
 from capo_dist.types import Problem
 
 try:
@@ -452,7 +451,7 @@ def evaluate_policy(
                     counts["truncated"] += end is None
                     text = tok.decode(row[:end], skip_special_tokens=True)
                     ok = is_correct(text, p.gold)
-                    steps_ok = all(step_is_correct(text[s:e]) for s, e in split_steps(text))
+                    steps_ok = solution_is_clean(text)
                     counts["clean_correct"] += ok and steps_ok
                     counts["wrong_step"] += not steps_ok
                     counts["lucky"] += ok and not steps_ok

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from capo_dist.data import synthetic_arith
 from capo_dist.rewards.critique import parse_wrong_steps
-from capo_dist.step_checker import critique_steps, evaluate, step_is_correct
+from capo_dist.step_checker import critique_steps, evaluate, solution_is_clean, step_is_correct
 
 
 @pytest.mark.parametrize(
@@ -44,6 +44,19 @@ def test_evaluate_is_exact_and_refuses_non_arithmetic():
 def test_generated_solutions_are_all_correct():
     arith = synthetic_arith(2000, seed=0)
     assert all(step_is_correct(s) for a in arith for s in a.steps)
+
+
+def test_solution_is_clean_needs_every_step():
+    a = synthetic_arith(50, seed=3)
+    multi = next(x for x in a if len(x.steps) >= 3)
+    text = "\n\n".join(multi.steps)
+    assert solution_is_clean(text)
+    first = multi.steps[0]
+    lhs, rest = first.split(" = ", 1)
+    value = int(rest.split(",", 1)[0])
+    bad = f"{lhs} = {value + 1}," + rest.split(",", 1)[1]
+    assert not solution_is_clean("\n\n".join([bad, *multi.steps[1:]]))
+    assert solution_is_clean("The answer is 7.")  # nothing to check
 
 
 def test_gsm8k_gold_steps_mostly_correct(shared_data):
