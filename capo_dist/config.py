@@ -183,6 +183,7 @@ class EvalConfig:
     """Periodic evaluation of the live policy on benchmark files (see capo_dist.evaluate)."""
 
     every: int = 0  # steps; 0 = never. The final step is always evaluated when benches are set.
+    before_training: bool = False  # also score the initial policy (logged as step 0)
     benches: dict[str, str] = field(default_factory=dict)  # name -> JSONL path
     k: int = 4
     temperature: float = 0.6

@@ -26,7 +26,8 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self.file = open(self.path, "a", encoding="utf-8")
-        self.bar = tqdm(total=cfg.trainer.total_steps, desc=f"capo[{cfg.capo.vote}]", unit="step")
+        label = "grpo" if cfg.capo.w_process == 0 else f"capo[{cfg.capo.vote}]"
+        self.bar = tqdm(total=cfg.trainer.total_steps, desc=label, unit="step")
         self.wandb = None
         if cfg.logging.wandb_mode != "disabled":
             import wandb
@@ -48,7 +49,8 @@ class MetricsLogger:
                 {k: v for k, v in clean.items() if v is not None}, step=int(record["step"])
             )
         self.bar.set_postfix({k: f"{record[k]:.3g}" for k in _BAR_KEYS if k in record})
-        self.bar.update(1)
+        if record["step"] > 0:  # step 0: the initial policy's evaluation, no training
+            self.bar.update(1)
 
     def write_samples(self, step: int, samples: list[dict]) -> None:
         """Per-response records of one step, for the credit report."""

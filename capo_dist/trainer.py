@@ -405,6 +405,8 @@ class Trainer:
     def run(self) -> Path:
         """Train until `trainer.total_steps`; returns the run directory."""
         cfg, t = self.cfg, self.cfg.trainer
+        if self.benches and cfg.eval.before_training and self.step == 0:
+            self.logger.log({"step": 0, **self._evaluate()})
         pending = self._collect() if self.step < t.total_steps else None
         while self.step < t.total_steps:
             t0 = time.perf_counter()
@@ -461,10 +463,11 @@ class Trainer:
         self.logger.close()
         return self.run_dir
 
-    def close(self) -> None:
-        """Stop this run's actors so the next run (e.g. in a sweep) starts clean."""
+    def close(self, shutdown_ray: bool = True) -> None:
+        """Stop this run's actors so the next run (e.g. in a sweep) starts clean; the
+        local Ray cluster this run started stays up for the next one if not `shutdown_ray`."""
         for actor in [*self.rollout, *self.judges, self.aggregator]:
             ray.kill(actor, no_restart=True)
         self.learners.shutdown()
-        if not self.cfg.ray.address:
+        if shutdown_ray and not self.cfg.ray.address:
             ray.shutdown()
