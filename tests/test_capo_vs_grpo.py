@@ -59,16 +59,20 @@ def test_summary_pairs_each_arm_with_grpo_by_seed():
     assert "accuracy_vs_grpo" not in s["grpo"]
 
 
-@pytest.mark.slow
-def test_quick_experiment_runs_and_its_figures_are_sane(tmp_path):
-    out = tmp_path / "exp"
-    proc = subprocess.run(
+def _quick(out: Path, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-m", "benchmarks.capo_vs_grpo", "--quick", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=timeout,
     )
+
+
+@pytest.mark.slow
+def test_quick_experiment_runs_and_its_figures_are_sane(tmp_path):
+    out = tmp_path / "exp"
+    proc = _quick(out, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     figures = last_json_line(proc.stdout)
     assert figures["benchmark"] == "capo_vs_grpo" and figures["failed"] == {}
@@ -99,13 +103,7 @@ def test_quick_experiment_runs_and_its_figures_are_sane(tmp_path):
     for png in ("accuracy.png", "clean_correct.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second call with the same --out reuses the finished runs instead of re-training.
-    again = subprocess.run(
-        [sys.executable, "-m", "benchmarks.capo_vs_grpo", "--quick", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = _quick(out, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[capo_vs_grpo] grpo seed 1" not in again.stdout
     assert json.loads((out / "results.json").read_text())["curves"] == curves
