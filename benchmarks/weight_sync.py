@@ -363,14 +363,14 @@ def main() -> None:
             (
                 "why below the goal",
                 "the baseline moves each byte once through a socket; the real path moves it "
-                "4+ times: ZeRO-3 all-gather (gloo), packing into the bucket, ray.put (Ray "
-                "pickles torch tensors through torch's serialiser), ray.get on the engine "
-                "(another copy), the engine's load and re-processing into kernel format. "
-                f"Per {sd['bytes'] >> 20} MiB bucket: torch put {sd['torch_put_s']:.3f} s + "
-                f"get {sd['torch_get_s']:.3f} s vs numpy put {sd['numpy_put_s']:.3f} s + get "
-                f"{sd['numpy_get_s']:.4f} s (zero-copy): shipping numpy views would cut "
-                f"~{(sd['torch_put_s'] + sd['torch_get_s'] - sd['numpy_put_s'] - sd['numpy_get_s']) * r['buckets']:.2f} s "
-                f"of the {r['real_s']:.2f} s at {missed[-1]}",
+                "4+ times: ZeRO-3 all-gather (gloo), packing into the bucket, ray.put, ray.get "
+                "on the engine, the engine's load and re-processing into kernel format. "
+                f"At {missed[-1]}: gather (all-gather + pack + put) {r['gather_s']:.2f} s and "
+                f"engine load {r['load_s']:.2f} s of {r['real_s']:.2f} s. Buckets already "
+                "travel as numpy (WeightBucket.__reduce__: out-of-band, zero-copy get); "
+                f"per {sd['bytes'] >> 20} MiB bucket that costs put {sd['numpy_put_s']:.3f} s "
+                f"+ get {sd['numpy_get_s']:.4f} s where torch's serialiser would take "
+                f"{sd['torch_put_s']:.3f} s + {sd['torch_get_s']:.3f} s",
             )
         )
     report(
