@@ -154,7 +154,8 @@ def real_sync_seconds(model_dir: str, engine: str, bucket_bytes: int, repeats: i
     import ray
 
     from capo_dist.config import RolloutConfig
-    from capo_dist.learner import LearnerConfig, LearnerGroup
+    from capo_dist.learner import LearnerConfig
+    from capo_dist.learner_group import LearnerGroup
     from capo_dist.rollout_worker import RolloutWorker
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)

@@ -15,7 +15,7 @@ rank trains on its shard of a `TrainBatch` (rows rank::W):
   optimizer checks the global norm in every precision) and reported.
 
 Every method that touches parameters is a ZeRO-3 collective, so the driver
-calls it on ALL ranks at once; `LearnerGroup` is the driver-side handle that
+calls it on ALL ranks at once; `LearnerGroup` (learner_group.py) is the driver-side handle that
 does exactly that (and shards / reassembles rows where that applies).
 
 CPU notes (DeepSpeed 0.19.8): the process group comes up without any JIT op
@@ -35,11 +35,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import socket
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,13 +44,18 @@ from typing import Any
 import ray
 import torch
 import torch.nn.functional as F
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from capo_dist.deepspeed_setup import (
+    deepspeed_config,
+    quiet_deepspeed,
+    reference_deepspeed_config,
+    skip_shm_comm_op,
+    weights_only_checkpoint_engine,
+)
+from capo_dist.hf_checkpoint import copy_side_files, load_checkpoint_weights
 from capo_dist.rewards.loss import ppo_clip_loss, token_logprobs
 from capo_dist.types import TrainBatch
 from capo_dist.weight_sync import (
-    NcclSyncPlan,
     NcclTransport,
     ObjectStoreTransport,
     ParamSpec,
@@ -63,14 +65,6 @@ from capo_dist.weight_sync import (
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Files of a HF checkpoint directory that are not weights and travel with an export.
-_SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 
 @dataclass
@@ -115,147 +109,9 @@ class LearnerConfig:
                 raise ValueError(f"LearnerConfig.{key}={getattr(self, key)} must be >= 1")
 
 
-def _deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
-    """The DeepSpeed config of the policy engine (ZeRO-3, caller-owned gradient accumulation).
-
-    `managed_gradient_accumulation: false` makes every `engine.step()` the
-    accumulation boundary, so an optimizer step may cover any number of
-    micro-batches (the batch size varies from step to step).
-    """
-    return {
-        "train_micro_batch_size_per_gpu": config.micro_batch_size,
-        "gradient_accumulation_steps": 1,
-        "managed_gradient_accumulation": False,
-        "gradient_clipping": config.grad_clip,
-        "bf16": {"enabled": config.dtype == "bfloat16"},
-        "zero_optimization": {
-            "stage": 3,
-            "overlap_comm": torch.cuda.is_available(),
-            "contiguous_gradients": True,
-            "stage3_gather_16bit_weights_on_model_save": False,
-        },
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-
-
-def _reference_deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
-    """The frozen reference model's engine: ZeRO-3 parameters, no optimizer."""
-    ds = _deepspeed_config(config)
-    ds.pop("gradient_clipping")
-    return ds
-
-
-def _skip_shm_comm_op() -> None:
-    """Tell DeepSpeed its shared-memory all-reduce op cannot be built, before init_distributed.
-
-    `TorchBackend.__init__` JIT-builds `deepspeed_shm_comm` (~40 s of C++ on
-    a fresh CPU machine) when `deepspeed.ops.__compatible_ops__` says it can;
-    the op only serves DeepSpeed-Inference's `inference_all_reduce`, which
-    ZeRO training never calls. That dict is DeepSpeed's per-process probe
-    cache, so editing it is all it takes. (Kept out of the actor's methods:
-    Ray pickles those by value, and cloudpickle would try to pickle
-    `torch.ops` for a function that mentions both `torch` and `.ops`.)
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def _quiet_deepspeed() -> None:
-    """Keep DeepSpeed's per-step chatter out of the actor logs (warnings and errors still show).
-
-    DeepSpeed 0.19.8 calls `torch.distributed.all_gather_into_tensor` and
-    `reduce_scatter_tensor`, which torch 2.13 deprecates with a FutureWarning
-    on every call.
-    """
-    import logging
-    import warnings
-
-    from deepspeed.utils import logger
-
-    logger.setLevel(logging.WARNING)
-    warnings.filterwarnings(
-        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
-    )
-
-
-def _weights_only_checkpoint_engine():
-    """DeepSpeed's torch checkpoint engine, but loading with `torch.load(weights_only=True)`.
-
-    DeepSpeed 0.19.8 loads its own checkpoint files with `weights_only=False`,
-    i.e. full unpickling: a tampered checkpoint could run code. This loads
-    tensors and plain containers only, plus the few DeepSpeed state classes
-    its optimizer files hold (named here, nothing else).
-    """
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
-
-    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    return WeightsOnlyCheckpointEngine()
-
-
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so left and right padding give the same result."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _load_checkpoint_weights(model: torch.nn.Module, path: Path, rank: int) -> None:
-    """Fill a ZeRO-3-partitioned HF model from the safetensors files in `path`.
-
-    One module at a time: every rank gathers the module's parameters, rank 0
-    copies the checkpoint tensors in, and DeepSpeed re-partitions them from
-    rank 0 on exit — so no rank ever holds more than one module's full
-    weights. Checkpoint keys must be the module's parameter names (true of
-    dense Llama/Qwen/Mistral checkpoints). Every rank reads the file headers
-    and raises the same error before any collective if a parameter is
-    missing, so a bad checkpoint fails cleanly instead of hanging.
-    """
-    import deepspeed
-    from safetensors import safe_open
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors weights")
-    key_file: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            key_file.update(dict.fromkeys(h.keys(), f))
-    modules = [(m_name, m) for m_name, m in model.named_modules() if m._parameters]
-    loaded: set[int] = set()
-    plan: list[tuple[torch.nn.Module, dict[str, str]]] = []
-    for m_name, module in modules:
-        names = {}
-        for p_name, p in module.named_parameters(recurse=False):
-            full = f"{m_name}.{p_name}" if m_name else p_name
-            if full in key_file:
-                names[p_name] = full
-                loaded.add(id(p))
-        plan.append((module, names))
-    missing = [n for n, p in model.named_parameters() if id(p) not in loaded]
-    if missing:
-        raise KeyError(
-            f"{path}: checkpoint has no tensor for {missing[:5]} ({len(missing)} missing)"
-        )
-    with ExitStack() as stack, torch.no_grad():
-        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
-        for module, names in plan:
-            if not names:
-                continue
-            params = [module._parameters[p] for p in names]
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                if rank == 0:
-                    for p_name, full in names.items():
-                        module._parameters[p_name].data.copy_(
-                            handles[key_file[full]].get_tensor(full)
-                        )
 
 
 @ray.remote
@@ -301,8 +157,8 @@ class Learner:
         t0 = time.perf_counter()
         import deepspeed
 
-        _quiet_deepspeed()
-        _skip_shm_comm_op()
+        quiet_deepspeed()
+        skip_shm_comm_op()
         torch.manual_seed(self.config.seed)
         if torch.cuda.is_available():
             torch.cuda.set_device(0)
@@ -311,7 +167,7 @@ class Learner:
         t_dist = time.perf_counter()
 
         cfg = self.config
-        ds_config = _deepspeed_config(cfg)
+        ds_config = deepspeed_config(cfg)
         model = self._build_model(cfg.model_path, ds_config)
         optimizer = torch.optim.AdamW(
             model.parameters(),
@@ -332,9 +188,9 @@ class Learner:
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
         )
-        self.engine.checkpoint_engine = _weights_only_checkpoint_engine()
+        self.engine.checkpoint_engine = weights_only_checkpoint_engine()
         if cfg.kl_coef > 0:
-            ref_ds = _reference_deepspeed_config(cfg)
+            ref_ds = reference_deepspeed_config(cfg)
             ref = self._build_model(cfg.ref_model_path or cfg.model_path, ref_ds)
             ref.requires_grad_(False)
             self.ref_engine, *_ = deepspeed.initialize(model=ref, config=ref_ds)
@@ -360,7 +216,7 @@ class Learner:
         # (DeepSpeed 0.19.8 `Init._set_dtype` then picks bf16 whatever is passed).
         with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        _load_checkpoint_weights(model, Path(path), self.rank)
+        load_checkpoint_weights(model, Path(path), self.rank)
         if self.hf_config is None:
             self.hf_config = hf_config
             self.pad_token_id = hf_config.pad_token_id or 0
@@ -681,146 +537,4 @@ class Learner:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         self.hf_config.save_pretrained(str(out))
-        src = Path(self.config.model_path)
-        for name in _SIDE_FILES:
-            if (src / name).exists():
-                shutil.copy(src / name, out / name)
-
-
-@ray.remote(num_cpus=0)
-def _master_endpoint() -> tuple[str, int]:
-    """The address of this node and a free TCP port on it (run in rank 0's bundle)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
-
-
-def _get_all(refs: list[ray.ObjectRef]) -> list[Any]:
-    """Results of all ranks, failing as soon as ANY rank fails.
-
-    A plain `ray.get(refs)` would block on rank 0, which waits forever inside a
-    collective for a peer that has died; this surfaces the dead rank's error.
-    """
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        ray.get(done)  # raises the failed rank's error at once
-    return ray.get(refs)
-
-
-class LearnerGroup:
-    """Driver-side handle of the W learner ranks: creates them and fans every call out to all.
-
-    The ranks live in one placement group (`PACK`: on as few nodes as
-    possible), one bundle each; rank 0's node hosts the process-group
-    rendezvous. Construction runs `setup()` on every rank.
-    """
-
-    def __init__(self, config: LearnerConfig, num_learners: int = 1, name: str = "learner") -> None:
-        self.config = config
-        self.world_size = num_learners
-        bundle = {"CPU": config.num_cpus_per_learner}
-        if config.num_gpus_per_learner > 0:
-            bundle["GPU"] = config.num_gpus_per_learner
-        self.placement_group = placement_group(
-            [dict(bundle) for _ in range(num_learners)], strategy="PACK"
-        )
-        ray.get(self.placement_group.ready())
-
-        addr, port = ray.get(_master_endpoint.options(scheduling_strategy=self._bundle(0)).remote())
-        self.actors = [
-            Learner.options(
-                name=f"{name}-{i}",
-                num_cpus=config.num_cpus_per_learner,
-                num_gpus=config.num_gpus_per_learner,
-                scheduling_strategy=self._bundle(i),
-            ).remote(config, i, num_learners, addr, port)
-            for i in range(num_learners)
-        ]
-        try:
-            self.setup_info = self._all("setup")[0]
-        except Exception:
-            self.shutdown()
-            raise
-
-    def _bundle(self, i: int) -> PlacementGroupSchedulingStrategy:
-        """Scheduling into rank i's bundle of the placement group."""
-        return PlacementGroupSchedulingStrategy(
-            placement_group=self.placement_group, placement_group_bundle_index=i
-        )
-
-    def _all(self, method: str, *args: Any) -> list[Any]:
-        """Call `method(*args)` on every rank at once and wait for all results."""
-        return _get_all([getattr(a, method).remote(*args) for a in self.actors])
-
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One PPO update on `batch` (rank r trains rows r::W); metrics reduced over ranks."""
-        refs = [
-            a.train_step.remote(batch.shard(r, self.world_size)) for r, a in enumerate(self.actors)
-        ]
-        return _get_all(refs)[0]
-
-    def compute_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Per-token log-probs [B, L] under the current policy, rows spread over all ranks."""
-        w = self.world_size
-        refs = [
-            a.compute_logprobs.remote(input_ids[r::w], attention_mask[r::w])
-            for r, a in enumerate(self.actors)
-        ]
-        out = torch.zeros(input_ids.shape, dtype=torch.float32)
-        for r, lp in enumerate(_get_all(refs)):
-            out[r::w] = lp
-        return out
-
-    def weight_specs(self) -> list[ParamSpec]:
-        """Name, shape and dtype of every parameter, in sync order (from rank 0)."""
-        return ray.get(self.actors[0].weight_specs.remote())
-
-    def gather_weight_buckets(self, bucket_bytes: int) -> list[ray.ObjectRef]:
-        """The full weights as `WeightBucket` refs in the object store (HF names, sync order)."""
-        return self._all("gather_weight_buckets", bucket_bytes)[0]
-
-    def nccl_sync_plan(self, bucket_bytes: int, num_engine_ranks: int) -> NcclSyncPlan:
-        """GPU only: a rendezvous on rank 0's node and the engines' vLLM payloads for NCCL sync.
-
-        `num_engine_ranks` counts every engine worker process (TP x DP over
-        all rollout engines); the NCCL group is those plus learner rank 0.
-        """
-        addr, port = ray.get(_master_endpoint.options(scheduling_strategy=self._bundle(0)).remote())
-        return NcclTransport.plan(
-            self.weight_specs(), bucket_bytes, addr, port, world_size=1 + num_engine_ranks
-        )
-
-    def init_nccl_weight_sync(self, plan: NcclSyncPlan) -> ray.ObjectRef:
-        """GPU only: start rank 0 joining the NCCL group; wait on the ref after starting the
-        engines' `init_weight_transfer_engine(plan.init_info)` (both sides meet in the rendezvous)."""
-        info = plan.init_info
-        return self.actors[0].init_nccl_weight_sync.remote(
-            info["master_address"], info["master_port"], info["world_size"]
-        )
-
-    def broadcast_weights(self, bucket_bytes: int) -> list[ray.ObjectRef]:
-        """GPU only: start the bucketed NCCL broadcast on all ranks; wait on the refs after
-        starting the engines' `update_weights(plan.update_info)`."""
-        return [a.broadcast_weights.remote(bucket_bytes) for a in self.actors]
-
-    def save_checkpoint(self, directory: str) -> None:
-        """DeepSpeed checkpoint of every rank's partition into `directory`."""
-        self._all("save_checkpoint", directory)
-
-    def load_checkpoint(self, directory: str) -> int:
-        """Restore the latest checkpoint in `directory`; returns its step."""
-        return self._all("load_checkpoint", directory)[0]
-
-    def export_hf(self, directory: str) -> None:
-        """Write a Hugging Face checkpoint of the current policy into `directory`."""
-        self._all("export_hf", directory)
-
-    def shutdown(self) -> None:
-        """Kill the ranks and release their placement group."""
-        for a in self.actors:
-            ray.kill(a)
-        remove_placement_group(self.placement_group)
+        copy_side_files(Path(self.config.model_path), out)

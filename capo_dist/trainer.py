@@ -34,7 +34,8 @@ from capo_dist.data import DataError, DataStats, ProblemStream, load_jsonl, synt
 from capo_dist.evaluate import load_bench
 from capo_dist.experience import Experience
 from capo_dist.judge_worker import JudgeWorker
-from capo_dist.learner import LearnerConfig, LearnerGroup
+from capo_dist.learner import LearnerConfig
+from capo_dist.learner_group import LearnerGroup
 from capo_dist.metrics import MetricsLogger
 from capo_dist.models import TinyModelSpec, build_tiny_model
 from capo_dist.placement import engine_actor_options

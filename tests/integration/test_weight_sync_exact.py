@@ -6,7 +6,8 @@ import pytest
 import ray
 import torch
 
-from capo_dist.learner import LearnerConfig, LearnerGroup
+from capo_dist.learner import LearnerConfig
+from capo_dist.learner_group import LearnerGroup
 from capo_dist.rollout_worker import RolloutWorker
 from capo_dist.trainer import load_problems, prepare_policy
 from capo_dist.types import TrainBatch

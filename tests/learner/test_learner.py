@@ -21,7 +21,8 @@ import pytest
 import ray
 import torch
 
-from capo_dist.learner import LearnerConfig, LearnerGroup
+from capo_dist.learner import LearnerConfig
+from capo_dist.learner_group import LearnerGroup
 from capo_dist.rewards.loss import ppo_clip_loss, token_logprobs
 from capo_dist.types import TrainBatch
 from capo_dist.weight_sync import WeightBucket, plan_buckets

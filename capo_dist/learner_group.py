@@ -1,0 +1,160 @@
+"""Driver-side handle of the learner ranks: creates them and fans every call out to all.
+
+Every learner method that touches parameters is a ZeRO-3 collective, so the
+driver calls it on ALL ranks at once; `LearnerGroup` does exactly that (and
+shards / reassembles rows where that applies), failing as soon as any rank
+fails instead of hanging in a collective.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from capo_dist.learner import Learner, LearnerConfig
+from capo_dist.types import TrainBatch
+from capo_dist.weight_sync import NcclSyncPlan, NcclTransport, ParamSpec
+
+
+@ray.remote(num_cpus=0)
+def _master_endpoint() -> tuple[str, int]:
+    """The address of this node and a free TCP port on it (run in rank 0's bundle)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+def _get_all(refs: list[ray.ObjectRef]) -> list[Any]:
+    """Results of all ranks, failing as soon as ANY rank fails.
+
+    A plain `ray.get(refs)` would block on rank 0, which waits forever inside a
+    collective for a peer that has died; this surfaces the dead rank's error.
+    """
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)  # raises the failed rank's error at once
+    return ray.get(refs)
+
+
+class LearnerGroup:
+    """Driver-side handle of the W learner ranks: creates them and fans every call out to all.
+
+    The ranks live in one placement group (`PACK`: on as few nodes as
+    possible), one bundle each; rank 0's node hosts the process-group
+    rendezvous. Construction runs `setup()` on every rank.
+    """
+
+    def __init__(self, config: LearnerConfig, num_learners: int = 1, name: str = "learner") -> None:
+        self.config = config
+        self.world_size = num_learners
+        bundle = {"CPU": config.num_cpus_per_learner}
+        if config.num_gpus_per_learner > 0:
+            bundle["GPU"] = config.num_gpus_per_learner
+        self.placement_group = placement_group(
+            [dict(bundle) for _ in range(num_learners)], strategy="PACK"
+        )
+        ray.get(self.placement_group.ready())
+
+        addr, port = ray.get(_master_endpoint.options(scheduling_strategy=self._bundle(0)).remote())
+        self.actors = [
+            Learner.options(
+                name=f"{name}-{i}",
+                num_cpus=config.num_cpus_per_learner,
+                num_gpus=config.num_gpus_per_learner,
+                scheduling_strategy=self._bundle(i),
+            ).remote(config, i, num_learners, addr, port)
+            for i in range(num_learners)
+        ]
+        try:
+            self.setup_info = self._all("setup")[0]
+        except Exception:
+            self.shutdown()
+            raise
+
+    def _bundle(self, i: int) -> PlacementGroupSchedulingStrategy:
+        """Scheduling into rank i's bundle of the placement group."""
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.placement_group, placement_group_bundle_index=i
+        )
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        """Call `method(*args)` on every rank at once and wait for all results."""
+        return _get_all([getattr(a, method).remote(*args) for a in self.actors])
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One PPO update on `batch` (rank r trains rows r::W); metrics reduced over ranks."""
+        refs = [
+            a.train_step.remote(batch.shard(r, self.world_size)) for r, a in enumerate(self.actors)
+        ]
+        return _get_all(refs)[0]
+
+    def compute_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-token log-probs [B, L] under the current policy, rows spread over all ranks."""
+        w = self.world_size
+        refs = [
+            a.compute_logprobs.remote(input_ids[r::w], attention_mask[r::w])
+            for r, a in enumerate(self.actors)
+        ]
+        out = torch.zeros(input_ids.shape, dtype=torch.float32)
+        for r, lp in enumerate(_get_all(refs)):
+            out[r::w] = lp
+        return out
+
+    def weight_specs(self) -> list[ParamSpec]:
+        """Name, shape and dtype of every parameter, in sync order (from rank 0)."""
+        return ray.get(self.actors[0].weight_specs.remote())
+
+    def gather_weight_buckets(self, bucket_bytes: int) -> list[ray.ObjectRef]:
+        """The full weights as `WeightBucket` refs in the object store (HF names, sync order)."""
+        return self._all("gather_weight_buckets", bucket_bytes)[0]
+
+    def nccl_sync_plan(self, bucket_bytes: int, num_engine_ranks: int) -> NcclSyncPlan:
+        """GPU only: a rendezvous on rank 0's node and the engines' vLLM payloads for NCCL sync.
+
+        `num_engine_ranks` counts every engine worker process (TP x DP over
+        all rollout engines); the NCCL group is those plus learner rank 0.
+        """
+        addr, port = ray.get(_master_endpoint.options(scheduling_strategy=self._bundle(0)).remote())
+        return NcclTransport.plan(
+            self.weight_specs(), bucket_bytes, addr, port, world_size=1 + num_engine_ranks
+        )
+
+    def init_nccl_weight_sync(self, plan: NcclSyncPlan) -> ray.ObjectRef:
+        """GPU only: start rank 0 joining the NCCL group; wait on the ref after starting the
+        engines' `init_weight_transfer_engine(plan.init_info)` (both sides meet in the rendezvous)."""
+        info = plan.init_info
+        return self.actors[0].init_nccl_weight_sync.remote(
+            info["master_address"], info["master_port"], info["world_size"]
+        )
+
+    def broadcast_weights(self, bucket_bytes: int) -> list[ray.ObjectRef]:
+        """GPU only: start the bucketed NCCL broadcast on all ranks; wait on the refs after
+        starting the engines' `update_weights(plan.update_info)`."""
+        return [a.broadcast_weights.remote(bucket_bytes) for a in self.actors]
+
+    def save_checkpoint(self, directory: str) -> None:
+        """DeepSpeed checkpoint of every rank's partition into `directory`."""
+        self._all("save_checkpoint", directory)
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Restore the latest checkpoint in `directory`; returns its step."""
+        return self._all("load_checkpoint", directory)[0]
+
+    def export_hf(self, directory: str) -> None:
+        """Write a Hugging Face checkpoint of the current policy into `directory`."""
+        self._all("export_hf", directory)
+
+    def shutdown(self) -> None:
+        """Kill the ranks and release their placement group."""
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.placement_group)
