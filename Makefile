@@ -18,7 +18,7 @@ comma := ,
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt 2>/dev/null | cksum | cut -d' ' -f1)-$(subst $(comma),_,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench rehearse clean
 
 install: $(STAMP)
 
@@ -49,6 +49,16 @@ format: install
 
 bench: install
 	$(PY) -m benchmarks.run_all
+
+# CPU rehearsal of every cluster experiment through its cluster code paths (README
+# "From laptop to cluster"); prints each one's wall time.
+EXPERIMENTS := llama3b_intersection llama1b_intersection qwen1.5b_intersection qwen7b_majority
+rehearse: install
+	@for e in $(EXPERIMENTS); do \
+	  start=$$(date +%s); \
+	  $(PY) -m capo_dist.launch +experiment=$$e +rehearsal=cpu $(ARGS) || exit 1; \
+	  echo "[rehearse] $$e: $$(( $$(date +%s) - start )) s"; \
+	done
 
 clean:
 	rm -rf $(VENV) outputs multirun runs .pytest_cache .ruff_cache

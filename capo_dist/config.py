@@ -143,6 +143,11 @@ class SyncConfig:
 
     transport: str = "object_store"
     bucket_mb: int = 64
+    # After every sync, score one of the step's responses on every engine and on the
+    # learner and log the largest log-prob difference (`sync_max_logprob_diff`); a
+    # difference above `verify_tol` stops the run (an engine that did not take the weights).
+    verify: bool = False
+    verify_tol: float = 1e-3
 
 
 @dataclass
@@ -216,6 +221,35 @@ class RayConfig:
 
 
 @dataclass
+class RehearsalConfig:
+    """A CPU rehearsal of a cluster experiment (`+experiment=NAME +rehearsal=cpu`).
+
+    Everything about the experiment is kept except the size of the models and
+    the kind of device: the run starts a Ray cluster of `nodes` simulated nodes
+    on this machine, each with `gpus_per_node` *logical* GPUs (placement groups,
+    per-node packing and resource checks run as on a cluster; the processes
+    compute on the CPU), joins it through `RAY_ADDRESS`, and resolves the
+    experiment's hub ids offline (`HF_HUB_OFFLINE=1`) from a Hugging Face cache
+    in `hf_home` filled with real small models (capo_dist.rehearsal).
+    """
+
+    enabled: bool = False
+    nodes: int = 2
+    gpus_per_node: int = 4
+    cpus_per_node: int = 8
+    # Hugging Face cache the rehearsal fills and the run reads (HF_HOME).
+    hf_home: str = "${oc.env:HOME,/tmp}/.cache/capo_dist/rehearsal_hf"
+    # The policy under the experiment's hub id: "shrunk" (SmolLM2's architecture,
+    # tokenizer and chat template at a fraction of its size) or "full" (the real
+    # SmolLM2-135M-Instruct). The judge is always the real SmolLM2-135M-Instruct.
+    policy: str = "shrunk"
+    # Training problems prepared into `data.path` when that file does not exist:
+    # a GSM8K-format JSONL (null: ../shared/data/gsm8k/train.jsonl beside the repo).
+    data_source: str | None = None
+    data_limit: int = 256
+
+
+@dataclass
 class RunConfig:
     """The whole run."""
 
@@ -229,6 +263,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)
     run_dir: str = "."
 
 

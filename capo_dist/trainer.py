@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
+import torch
 from omegaconf import OmegaConf
 from ray.exceptions import ActorUnavailableError, RayActorError
 
@@ -40,7 +41,7 @@ from capo_dist.metrics import MetricsLogger
 from capo_dist.models import TinyModelSpec, build_tiny_model
 from capo_dist.placement import engine_actor_options
 from capo_dist.rollout_worker import RolloutWorker
-from capo_dist.types import Problem
+from capo_dist.types import Problem, TrainBatch
 
 # Ray restarts a dead rollout/judge actor this many times before giving up on it.
 ACTOR_RESTARTS = 3
@@ -359,6 +360,32 @@ class Trainer:
         )
         return [w.load_weights.remote(self.latest_weights, self.version) for w in self.rollout]
 
+    def _verify_sync(self, batch: TrainBatch) -> float:
+        """Largest |log-prob| difference between any engine and the learner on one response.
+
+        Scores the first response of `batch` (its real prompt and sampled tokens)
+        with every rollout engine's current weights and with the learner's, so an
+        engine that missed the sync, or loaded it wrongly, is caught the step it
+        happens instead of silently sampling from another policy.
+        """
+        ids, att, mask = batch.input_ids[:1], batch.attention_mask[:1], batch.loss_mask[:1]
+        n = int(att.sum())
+        resp = mask[0, :n].nonzero().flatten()
+        if len(resp) == 0:
+            return 0.0
+        start, end = int(resp[0]), int(resp[-1]) + 1
+        prompt, continuation = ids[0, :start].tolist(), ids[0, start:end].tolist()
+        learner = self._learners("compute_logprobs", ids[:, :end], att[:, :end])[0, start:end]
+        engines = ray.get([w.sequence_logprobs.remote(prompt, continuation) for w in self.rollout])
+        diff = max(float((torch.tensor(e) - learner).abs().max()) for e in engines)
+        if diff > self.cfg.trainer.sync.verify_tol:
+            raise RuntimeError(
+                f"weight sync check failed after step {self.step}: an engine's log-probs differ "
+                f"from the learner's by {diff:.3g} (> trainer.sync.verify_tol="
+                f"{self.cfg.trainer.sync.verify_tol}); the engines are not sampling the trained policy"
+            )
+        return diff
+
     def _evaluate(self) -> dict[str, float]:
         """Evaluate the just-synced policy on rollout-0; tables in <run_dir>/eval/step_N/."""
         e = self.cfg.eval
@@ -444,6 +471,8 @@ class Trainer:
                 "time_wait": t_train - t0,
                 "time_step": t_end - t0,
             }
+            if t.sync.verify:
+                record["sync_max_logprob_diff"] = self._verify_sync(exp.batch)
             if self.benches and (last or (cfg.eval.every and self.step % cfg.eval.every == 0)):
                 record.update(self._evaluate())
             self.logger.log(record)
