@@ -210,14 +210,19 @@ class LoggingConfig:
 
 @dataclass
 class RayConfig:
-    """How to reach Ray: null address starts a local cluster."""
+    """How to reach Ray: `address` (else the RAY_ADDRESS environment variable, as set by
+    Slurm scripts and `ray job submit`) joins that cluster; neither starts a local one."""
 
     address: str | None = None
     num_cpus: int | None = None
     dashboard: bool = False
     dashboard_host: str = "127.0.0.1"
     # Port of the node's Prometheus endpoint for `ray.util.metrics` (null: Ray picks one).
+    # Only for a cluster this run starts: joining one uses the cluster's own.
     metrics_export_port: int | None = None
+    # How long the driver waits for the cluster to hold every role's placement group
+    # before it fails naming the role it could not place (capo_dist.placement).
+    placement_timeout_s: float = 300.0
 
 
 @dataclass
@@ -287,6 +292,28 @@ def _missing_checkpoint(p: str) -> bool:
     return p.startswith(("/", ".", "~")) or re.fullmatch(r"[\w.-]+/[\w.-]+", p) is None
 
 
+def _wandb_key_found() -> bool:
+    """Whether `wandb.init(mode="online")` would find credentials, looked up the way
+    wandb 0.31 does (wbauth.authenticate._use_system_auth): the WANDB_API_KEY or
+    WANDB_IDENTITY_TOKEN_FILE environment variable, the .netrc entry for the wandb
+    host (`wandb login` writes it; NETRC moves the file), or `api_key` in settings."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    from wandb.errors import AuthenticationError
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth
+
+    settings = wandb_setup.singleton().settings
+    if settings.api_key:
+        return True
+    try:
+        return wbauth.read_netrc_auth(host=settings.base_url) is not None
+    except AuthenticationError as err:
+        raise ConfigError(
+            f"logging.wandb_mode=online: the .netrc wandb entry is invalid: {err}"
+        ) from None
+
+
 def validate(cfg: RunConfig) -> None:
     """Check every value a type cannot; raise ConfigError naming key, value and fix."""
     _one_of("capo.vote", cfg.capo.vote, VOTE_MODES)
@@ -353,6 +380,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"data.path={cfg.data.path!r} is not a file; give a JSONL file or null to generate arithmetic problems"
         )
+    if cfg.logging.wandb_mode == "online" and not _wandb_key_found():
+        raise ConfigError(
+            "logging.wandb_mode=online but wandb finds no API key (WANDB_API_KEY, "
+            "WANDB_IDENTITY_TOKEN_FILE, a ~/.netrc entry for the wandb host, or its settings file); "
+            "export WANDB_API_KEY=..., run `wandb login` once on the driver's machine, "
+            "or use logging.wandb_mode=offline (and `wandb sync` later)"
+        )
+    _at_least("ray.placement_timeout_s", cfg.ray.placement_timeout_s, 1)
     if cfg.trainer.sync.transport == "nccl" and cfg.trainer.num_gpus_per_learner <= 0:
         raise ConfigError(
             "trainer.sync.transport=nccl needs GPUs (trainer.num_gpus_per_learner > 0); use object_store on CPU"

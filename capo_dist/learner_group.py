@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from capo_dist.learner import Learner, LearnerConfig
@@ -51,15 +51,23 @@ class LearnerGroup:
     rendezvous. Construction runs `setup()` on every rank.
     """
 
-    def __init__(self, config: LearnerConfig, num_learners: int = 1, name: str = "learner") -> None:
+    def __init__(
+        self,
+        config: LearnerConfig,
+        num_learners: int = 1,
+        name: str = "learner",
+        group: PlacementGroup | None = None,
+    ) -> None:
+        """`group`: a placement group already reserved for the ranks (one bundle each,
+        as `capo_dist.placement` makes it); None reserves one here."""
         self.config = config
         self.world_size = num_learners
-        bundle = {"CPU": config.num_cpus_per_learner}
-        if config.num_gpus_per_learner > 0:
-            bundle["GPU"] = config.num_gpus_per_learner
-        self.placement_group = placement_group(
-            [dict(bundle) for _ in range(num_learners)], strategy="PACK"
-        )
+        if group is None:
+            bundle = {"CPU": config.num_cpus_per_learner}
+            if config.num_gpus_per_learner > 0:
+                bundle["GPU"] = config.num_gpus_per_learner
+            group = placement_group([dict(bundle) for _ in range(num_learners)], strategy="PACK")
+        self.placement_group = group
         ray.get(self.placement_group.ready())
 
         addr, port = ray.get(_master_endpoint.options(scheduling_strategy=self._bundle(0)).remote())

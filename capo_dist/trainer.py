@@ -30,7 +30,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from capo_dist import telemetry
 from capo_dist.aggregator import RewardAggregator
 from capo_dist.checkpoint import CheckpointManager, read_driver_state
-from capo_dist.config import RunConfig, validate, validate_resources
+from capo_dist.config import RunConfig, validate
 from capo_dist.data import DataError, DataStats, ProblemStream, load_jsonl, synthetic_arith
 from capo_dist.evaluate import load_bench
 from capo_dist.experience import Experience
@@ -39,8 +39,9 @@ from capo_dist.learner import LearnerConfig
 from capo_dist.learner_group import LearnerGroup
 from capo_dist.metrics import MetricsLogger
 from capo_dist.models import TinyModelSpec, build_tiny_model
-from capo_dist.placement import engine_actor_options
+from capo_dist.placement import LEARNER, ClusterPlan, reserve_roles
 from capo_dist.rollout_worker import RolloutWorker
+from capo_dist.shared_fs import SharedDir, require_shared
 from capo_dist.types import Problem, TrainBatch
 
 # Ray restarts a dead rollout/judge actor this many times before giving up on it.
@@ -121,21 +122,52 @@ def prepare_policy(cfg: RunConfig, corpus: list[str]) -> str:
     return str(build_tiny_model(Path(cfg.model.build_dir) / f"tiny-{key}", texts, spec))
 
 
+def cluster_address(cfg: RunConfig) -> str | None:
+    """The cluster to join: `ray.address`, else RAY_ADDRESS (set by Slurm scripts and
+    `ray job submit`); None: this run starts its own local cluster."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(cfg: RunConfig) -> None:
-    """Join `ray.address`, or start a local cluster with enough logical CPUs for every role."""
+    """Join the cluster at `cluster_address`, or start a local one with enough logical
+    CPUs for every role."""
     if ray.is_initialized():
+        return
+    address = cluster_address(cfg)
+    if address:
+        # A running cluster brings its own resources, dashboard and metrics port:
+        # Ray refuses num_cpus/num_gpus here and ignores the dashboard options.
+        ray.init(address=address, log_to_driver=True)
         return
     rollout_cpus = cfg.rollout.num_workers * math.ceil(cfg.rollout.num_cpus_per_worker)
     roles = rollout_cpus + cfg.judge.num_workers + 1 + cfg.trainer.num_learners
     kwargs = dict(include_dashboard=cfg.ray.dashboard, log_to_driver=True)
     if cfg.ray.dashboard:
         kwargs["dashboard_host"] = cfg.ray.dashboard_host
-    if cfg.ray.metrics_export_port and not cfg.ray.address:
+    if cfg.ray.metrics_export_port:
         kwargs["_metrics_export_port"] = cfg.ray.metrics_export_port
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, **kwargs)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, roles), **kwargs)
+    # "local": a new cluster even if `ray start` left an address in /tmp/ray.
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, roles)
+    ray.init(address="local", num_cpus=num_cpus, **kwargs)
+
+
+def prepare_cluster(cfg: RunConfig) -> ClusterPlan:
+    """Reserve every role's resources (bounded wait, plan printed) and check that the
+    directories the learners write are shared by their nodes and the driver's; on
+    failure nothing stays reserved. Call after `init_ray`, before any actor."""
+    plan = reserve_roles(cfg)
+    try:
+        nodes = {n.node_id: f"{n.label} (hosts learner ranks)" for n in plan.nodes_of(LEARNER)}
+        driver = ray.get_runtime_context().get_node_id()
+        nodes.setdefault(driver, f"node {driver[:8]} (the driver's)")
+        dirs = [SharedDir("trainer.checkpoint_dir", cfg.trainer.checkpoint_dir)]
+        if cfg.trainer.export_hf:
+            dirs.append(SharedDir("run_dir (the exported policy)", cfg.run_dir))
+        require_shared(dirs, nodes)
+    except BaseException:
+        plan.release()
+        raise
+    return plan
 
 
 def _state_after_restart(actor, timeout_s: float = 300.0) -> dict:
@@ -169,7 +201,7 @@ class Trainer:
             cfg.trainer.checkpoint_dir, cfg.trainer.keep_checkpoints
         )
         init_ray(cfg)
-        validate_resources(cfg, ray.cluster_resources())
+        self.plan = prepare_cluster(cfg)
         self.transport = cfg.trainer.sync.transport
         self._start_roles()
         if self.transport == "nccl":
@@ -190,12 +222,7 @@ class Trainer:
         cfg = self.cfg
         self.rollout = []
         for i in range(cfg.rollout.num_workers):
-            opts, engine_kwargs = engine_actor_options(
-                f"rollout-{i}",
-                cfg.rollout.tensor_parallel_size,
-                cfg.rollout.num_gpus_per_worker,
-                cfg.rollout.num_cpus_per_worker,
-            )
+            opts, engine_kwargs = self.plan.actor_options(f"rollout-{i}")
             if self.transport == "nccl":
                 engine_kwargs["weight_transfer_backend"] = "nccl"
             self.rollout.append(
@@ -210,12 +237,7 @@ class Trainer:
             )
         self.judges = []
         for i in range(cfg.judge.num_workers if cfg.capo.w_process > 0 else 0):
-            uses_gpu = cfg.judge.backend in ("vllm", "hf")
-            opts, engine_kwargs = engine_actor_options(
-                f"judge-{i}",
-                cfg.judge.tensor_parallel_size,
-                cfg.judge.num_gpus_per_worker if uses_gpu else 0,
-            )
+            opts, engine_kwargs = self.plan.actor_options(f"judge-{i}")
             self.judges.append(
                 JudgeWorker.options(**opts, max_restarts=ACTOR_RESTARTS).remote(
                     cfg.judge,
@@ -247,6 +269,7 @@ class Trainer:
                 num_gpus_per_learner=t.num_gpus_per_learner,
             ),
             num_learners=t.num_learners,
+            group=self.plan.learner_group,
         )
 
     # ------------------------------------------------------------ collection
@@ -494,10 +517,12 @@ class Trainer:
         return self.run_dir
 
     def close(self, shutdown_ray: bool = True) -> None:
-        """Stop this run's actors so the next run (e.g. in a sweep) starts clean; the
-        local Ray cluster this run started stays up for the next one if not `shutdown_ray`."""
+        """Stop this run's actors and give back every placement group it reserved, so the
+        next run (e.g. in a sweep on the same cluster) starts clean; the local Ray
+        cluster this run started stays up for the next one if not `shutdown_ray`."""
         for actor in [*self.rollout, *self.judges, self.aggregator]:
             ray.kill(actor, no_restart=True)
         self.learners.shutdown()
-        if shutdown_ray and not self.cfg.ray.address:
+        self.plan.release()
+        if shutdown_ray and not cluster_address(self.cfg):
             ray.shutdown()

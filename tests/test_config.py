@@ -3,12 +3,14 @@
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from capo_dist.config import ConfigError, RunConfig, validate, validate_resources
+from capo_dist.placement import NodeResources, check_nodes, role_demands
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 EXPERIMENTS = [
@@ -91,6 +93,50 @@ def test_tensor_parallel_larger_than_the_gpus():
     validate_resources(cfg, {"GPU": 16.0})
     with pytest.raises(ConfigError, match="judge.tensor_parallel_size=4 needs GPUs"):
         validate_resources(load("judge.tensor_parallel_size=4"), {"CPU": 2.0})
+
+
+def test_a_tp_group_must_fit_on_one_node_not_only_in_total():
+    """llama3b_intersection (judges TP=4) fits 2 nodes x 8 GPUs, not 16 nodes x 1 GPU."""
+    cfg = load("+experiment=llama3b_intersection")
+    demands = role_demands(cfg)
+    check_nodes(demands, [NodeResources(f"n{i}", "10.0.0.1", 8.0, 64.0) for i in range(2)])
+    one_gpu_nodes = [NodeResources(f"n{i:02d}", f"10.0.0.{i}", 1.0, 8.0) for i in range(16)]
+    validate_resources(cfg, {"GPU": 16.0})  # the total is enough...
+    with pytest.raises(
+        ConfigError,
+        match=r"judge-0 needs 4 GPUs and 4 CPUs on one node.*"
+        r"largest node, 10.0.0.0 \(node n00\), has 1 GPUs",
+    ):
+        check_nodes(demands, one_gpu_nodes)  # ...but no node holds a TP=4 judge
+
+
+def test_wandb_online_without_a_key_fails_in_validate(tmp_path, monkeypatch):
+    """wandb_mode=online with no key wandb can find (env, .netrc, settings) fails before
+    Ray starts, naming the fixes; a key in the environment or the .netrc passes."""
+    import wandb
+    from wandb.sdk import wandb_setup
+
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb"))
+    wandb.teardown()  # wandb reads its settings once per process: re-read them here
+    cfg = load("logging.wandb_mode=online")
+    with pytest.raises(
+        ConfigError,
+        match=r"online but wandb finds no API key.*WANDB_API_KEY.*"
+        r"`wandb login`.*logging.wandb_mode=offline",
+    ):
+        validate(cfg)
+    validate(load("logging.wandb_mode=offline"))
+    host = urlparse(wandb_setup.singleton().settings.base_url).hostname
+    netrc.write_text(f"machine {host}\n  login user\n  password {'k' * 40}\n")
+    validate(cfg)  # what `wandb login` writes
+    netrc.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    validate(cfg)
+    wandb.teardown()
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess:
