@@ -137,6 +137,7 @@ def make_experience(
             "token_rewards": [round(float(x), 4) for x in rewards[b, : len(resp[b])]],
             "advantages": [round(float(x), 4) for x in advantages[b, : len(resp[b])]],
             "critiques": list(j.critiques),
+            "judge_prompt": j.judge_prompt,
             "step_weights": [round(float(x), 4) for x in step_weights[b, : len(spans[b])]],
             "vote": cfg.vote,
         }
