@@ -32,7 +32,8 @@ class Experience:
     batch: TrainBatch
     metrics: dict[str, float]
     # One JSON-ready record per response: text, steps, token offsets, token rewards and
-    # advantages, critiques and the voted step weights (what the credit report renders).
+    # advantages, critiques, the exact prompt the judge model read (`judge_prompt`, or
+    # None) and the voted step weights (what the credit report renders).
     samples: list[dict] = field(default_factory=list)
 
 
