@@ -18,7 +18,7 @@ comma := ,
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt 2>/dev/null | cksum | cut -d' ' -f1)-$(subst $(comma),_,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench rehearse clean
+.PHONY: install run test lint format bench rehearse clean gpu-sdists gpu-constraints check-gpu-deps
 
 install: $(STAMP)
 
@@ -61,4 +61,44 @@ rehearse: install
 	done
 
 clean:
-	rm -rf $(VENV) outputs multirun runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) outputs multirun runs .pytest_cache .ruff_cache $(GPU_DIR)
+
+# ---------------------------------------------------------------- GPU environment
+# constraints-gpu.txt pins the GPU nodes' environment: the `gpu` extra (vllm==0.32.0) with
+# PyPI's CUDA torch==2.13.0 for Linux x86-64 / CPython 3.12. It is resolved here, never
+# installed: pip's resolver with --dry-run --report for that platform. Wheels only
+# (--only-binary=:all:, which pip requires with --platform), so the two sdist-only
+# dependencies, deepspeed and hydra's antlr4-python3-runtime, are first built into
+# pure-Python wheels, as pip does on a GPU node. glibc >= 2.31 is vllm 0.32.0's floor
+# (llguidance 1.7 has x86-64 wheels for manylinux_2_31 only). pip reads no config file,
+# find-links or extra index here, so no local wheel can stand in for PyPI's; point
+# GPU_INDEX_URL at a mirror if needed. pip fetches only each wheel's metadata where the
+# index advertises it (PEP 658, as pypi.org does), else it downloads the wheels (~3.5 GB).
+#   make gpu-constraints   re-resolve and rewrite constraints-gpu.txt (after changing pyproject.toml)
+#   make check-gpu-deps    prove the gpu extra resolves with constraints-gpu.txt, every package pinned
+GPU_INDEX_URL ?= https://pypi.org/simple
+GPU_DIR := .gpu-deps
+GPU_SDISTS := deepspeed==0.19.8 antlr4-python3-runtime==4.9.3
+GPU_PLATFORMS := $(foreach v,$(shell seq 31 -1 5),--platform manylinux_2_$(v)_x86_64) --platform manylinux2014_x86_64
+# A small venv of its own (pip only): the check needs neither torch nor the CPU install.
+GPU_PY := $(GPU_DIR)/venv/bin/python
+GPU_PIP := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null $(GPU_PY) -m pip
+GPU_RESOLVE := $(GPU_PIP) install --quiet --dry-run --ignore-installed --report $(GPU_DIR)/report.json \
+	--index-url $(GPU_INDEX_URL) --find-links $(GPU_DIR)/wheels $(GPU_PLATFORMS) \
+	--python-version 3.12 --implementation cp --only-binary=:all: "$(TORCH)" -e ".[gpu]"
+
+$(GPU_PY):
+	$(PYTHON) -m venv $(GPU_DIR)/venv
+	$(GPU_PIP) install --quiet --index-url $(GPU_INDEX_URL) --upgrade "pip>=24"
+
+gpu-sdists: $(GPU_PY)
+	$(GPU_PIP) wheel --quiet --no-deps --index-url $(GPU_INDEX_URL) --find-links $(GPU_DIR)/wheels \
+		-w $(GPU_DIR)/wheels $(GPU_SDISTS)
+
+gpu-constraints: gpu-sdists
+	$(GPU_RESOLVE)
+	$(GPU_PY) launch/gpu_constraints.py write $(GPU_DIR)/report.json constraints-gpu.txt
+
+check-gpu-deps: gpu-sdists
+	$(GPU_RESOLVE) -c constraints-gpu.txt
+	$(GPU_PY) launch/gpu_constraints.py check $(GPU_DIR)/report.json constraints-gpu.txt

@@ -14,6 +14,7 @@ import ray
 from capo_dist import telemetry
 from capo_dist.config import CapoConfig
 from capo_dist.experience import Experience, make_experience
+from capo_dist.tokenization import pad_token_id
 from capo_dist.types import JudgedRollout, Rollout
 
 
@@ -28,6 +29,8 @@ class RewardAggregator:
 
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        # Llama-3 tokenizers define no pad token.
+        self.pad_token_id = pad_token_id(self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
         self.verifier = Verifier(timeout_s=verifier_timeout_s)
 
     def score_parts(self, *parts: list[JudgedRollout] | list[Rollout]) -> Experience:
@@ -45,9 +48,7 @@ class RewardAggregator:
         correct = self.verifier.check_many(
             [j.rollout.completion.text for j in judged], [j.rollout.problem.gold for j in judged]
         )
-        exp = make_experience(
-            judged, self.tokenizer, correct, self.cfg, self.tokenizer.pad_token_id
-        )
+        exp = make_experience(judged, self.tokenizer, correct, self.cfg, self.pad_token_id)
         exp.metrics["time_reward"] = time.perf_counter() - start
         for key in ("judge_invalid_rate", "reward_mean", "accuracy", "process_penalty_rate"):
             telemetry.record(f"capo_{key}", exp.metrics[key], "aggregator")

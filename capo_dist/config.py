@@ -65,6 +65,10 @@ class DataConfig:
     # "gsm8k": the gold is the text after '#### '; "plain": the field is the gold answer.
     answer_format: str = "gsm8k"
     prompt_template: str = "Question: {question}\nAnswer step by step, one step per paragraph, and end with 'The answer is N.'\n\n"
+    # true: the filled-in prompt_template goes to the policy as one user message through
+    # its tokenizer's chat template, generation prompt added (Instruct models); rollouts
+    # and evaluation alike. A tokenizer without a chat template is an error at worker start.
+    chat_template: bool = False
     max_rows: int | None = None
     synthetic_size: int = 512
     seed: int = 0

@@ -51,6 +51,7 @@ from capo_dist.data import DataStats, gsm8k_gold, jsonl_objects
 from capo_dist.engines.base import GenerationEngine
 from capo_dist.rewards.answers import extract_answer
 from capo_dist.rewards.verifier import Verifier, default_verifier
+from capo_dist.tokenization import policy_prompt_ids, require_chat_template
 from capo_dist.types import Completion, Problem, SamplingSpec
 
 DEFAULT_PROMPT_TEMPLATE = (
@@ -180,6 +181,7 @@ class EvalResult:
     prompt_template: str
     seed: int
     scores: list[BenchScore]
+    chat_template: bool = False
     model: str = ""
     skipped: dict[str, dict[str, int]] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
@@ -213,6 +215,7 @@ class EvalResult:
                 "temperature": self.temperature,
                 "max_new_tokens": self.max_new_tokens,
                 "prompt_template": self.prompt_template,
+                "chat_template": self.chat_template,
                 "seed": self.seed,
                 "pass@1": "greedy (temperature 0), one completion per problem",
                 "mean@k": "mean accuracy over k samples at `temperature`",
@@ -287,11 +290,13 @@ def evaluate_engine(
     seed: int = 0,
     batch_size: int = 256,
     verifier: Verifier | None = None,
+    chat_template: bool = False,
 ) -> EvalResult:
     """Score `engine` on every benchmark: a greedy pass (pass@1) and k samples (mean@k).
 
     Prompts are `prompt_template.format(question=...)` tokenised by the engine's
-    tokenizer (the rollout workers' recipe). `batch_size` prompts go to the engine
+    tokenizer, as one user message through its chat template when `chat_template`
+    (the rollout workers' recipe: `policy_prompt_ids`). `batch_size` prompts go to the engine
     per call. `verifier` defaults to the shared one (a script using it needs an
     `if __name__ == "__main__":` guard: its worker pool is forkserver).
     """
@@ -304,7 +309,9 @@ def evaluate_engine(
     for b, (name, problems) in enumerate(benches.items()):
         start = time.perf_counter()
         problems = list(problems)
-        prompts = [tok(prompt_template.format(question=p.question))["input_ids"] for p in problems]
+        prompts = [
+            policy_prompt_ids(tok, prompt_template, p.question, chat_template) for p in problems
+        ]
         sample_seed = seed * 1_000_003 + 2 * b
         sampled = _generate(
             engine,
@@ -353,6 +360,7 @@ def evaluate_engine(
                     "uid": p.uid,
                     "question": p.question,
                     "gold": p.gold,
+                    "prompt": tok.decode(prompts[i], skip_special_tokens=False),
                     "greedy": {"response": greedy[i].text, "correct": greedy_ok[i]},
                     "samples": [
                         {"response": c.text, "correct": sample_ok[i * k + j]}
@@ -367,6 +375,7 @@ def evaluate_engine(
         prompt_template=prompt_template,
         seed=seed,
         scores=scores,
+        chat_template=chat_template,
         samples=records,
     )
 
@@ -406,6 +415,12 @@ def main(argv: Sequence[str] | None = None) -> EvalResult:
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--limit", type=int, default=None, help="first N problems per bench")
     parser.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE)
+    parser.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="send each prompt as one user message through the model's chat template "
+        "(instruct models; the training run's data.chat_template)",
+    )
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -428,6 +443,12 @@ def main(argv: Sequence[str] | None = None) -> EvalResult:
 
     from capo_dist.engines import make_engine
 
+    if args.chat_template:  # before the engine loads the model
+        from transformers import AutoTokenizer
+
+        require_chat_template(
+            AutoTokenizer.from_pretrained(args.model), args.model, "--chat-template"
+        )
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     engine = make_engine(
         args.backend,
@@ -445,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> EvalResult:
             temperature=args.temperature,
             max_new_tokens=args.max_new_tokens,
             prompt_template=args.prompt_template,
+            chat_template=args.chat_template,
             top_p=args.top_p,
             seed=args.seed,
             batch_size=args.batch_size,

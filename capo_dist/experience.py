@@ -32,7 +32,8 @@ class Experience:
     batch: TrainBatch
     metrics: dict[str, float]
     # One JSON-ready record per response: text, steps, token offsets, token rewards and
-    # advantages, critiques and the voted step weights (what the credit report renders).
+    # advantages, critiques, the exact prompt the judge model read (`judge_prompt`, or
+    # None) and the voted step weights (what the credit report renders).
     samples: list[dict] = field(default_factory=list)
 
 
@@ -137,6 +138,7 @@ def make_experience(
             "token_rewards": [round(float(x), 4) for x in rewards[b, : len(resp[b])]],
             "advantages": [round(float(x), 4) for x in advantages[b, : len(resp[b])]],
             "critiques": list(j.critiques),
+            "judge_prompt": j.judge_prompt,
             "step_weights": [round(float(x), 4) for x in step_weights[b, : len(spans[b])]],
             "vote": cfg.vote,
         }

@@ -23,6 +23,7 @@ from capo_dist import telemetry
 from capo_dist.config import JudgeConfig
 from capo_dist.rewards.critique import build_critique_prompt
 from capo_dist.rewards.steps import split_steps
+from capo_dist.tokenization import encode_prompt, has_chat_template
 from capo_dist.types import JudgedRollout, Rollout, SamplingSpec
 
 
@@ -39,8 +40,22 @@ class JudgeRequest:
     steps: list[str]
 
 
+@dataclass(frozen=True)
+class JudgeReply:
+    """The judge's answer for one response: N critique texts (None = abstained) and its input.
+
+    `prompt` is the exact text the judge model received (decoded from the token
+    ids sent, special tokens kept); None where that is not known here (the
+    symbolic checker, an HTTP endpoint that applies its own template) or where
+    the prompt was not sent (too long for the judge's context).
+    """
+
+    critiques: list[str | None]
+    prompt: str | None = None
+
+
 class JudgeBackend(Protocol):
-    def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[list[str | None]]: ...
+    def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[JudgeReply]: ...
 
 
 class StepCheckerBackend:
@@ -50,10 +65,10 @@ class StepCheckerBackend:
         self.flip_prob = flip_prob
         self.rng = random.Random(seed)
 
-    def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[list[str | None]]:
+    def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[JudgeReply]:
         from capo_dist.step_checker import critique_steps
 
-        return [critique_steps(r.steps, n, self.flip_prob, self.rng) for r in requests]
+        return [JudgeReply(critique_steps(r.steps, n, self.flip_prob, self.rng)) for r in requests]
 
 
 class HttpBackend:
@@ -79,9 +94,11 @@ class HttpBackend:
         """HTTP attempts that failed so far (each retry counts; giving up does not add one)."""
         return sum(v for k, v in self.client.failures.items() if k != "gave_up")
 
-    def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[list[str | None]]:
+    def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[JudgeReply]:
         return [
-            self.client.critique(build_critique_prompt(r.question, r.steps, r.reference), n)
+            JudgeReply(
+                self.client.critique(build_critique_prompt(r.question, r.steps, r.reference), n)
+            )
             for r in requests
         ]
 
@@ -111,21 +128,17 @@ class EngineBackend:
         else:
             self.context = cfg.max_model_len
 
-    def _encode(self, prompt: str) -> list[int]:
+    def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[JudgeReply]:
+        """Critiques from the engine; a judge tokenizer with a chat template gets chat prompts."""
         tok = self.engine.tokenizer()
-        if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-        return tok(prompt)["input_ids"]
-
-    def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[list[str | None]]:
+        chat = has_chat_template(tok)
         prompts = [
-            self._encode(build_critique_prompt(r.question, r.steps, r.reference)) for r in requests
+            encode_prompt(tok, build_critique_prompt(r.question, r.steps, r.reference), chat)
+            for r in requests
         ]
         budget = self.context - self.cfg.max_tokens
         fits = [i for i, p in enumerate(prompts) if len(p) <= budget]
-        out: list[list[str | None]] = [[None] * n for _ in prompts]
+        out = [JudgeReply([None] * n) for _ in prompts]
         if fits:
             spec = SamplingSpec(
                 n=n, max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature
@@ -133,7 +146,10 @@ class EngineBackend:
             for i, completions in zip(
                 fits, self.engine.generate([prompts[i] for i in fits], spec), strict=True
             ):
-                out[i] = [c.text for c in completions]
+                out[i] = JudgeReply(
+                    [c.text for c in completions],
+                    tok.decode(prompts[i], skip_special_tokens=False),
+                )
         return out
 
 
@@ -192,7 +208,8 @@ class JudgeWorker:
                 )
             )
         failed_before = self._failed_requests()
-        texts = self.backend.critiques(requests, self.n)
+        replies = self.backend.critiques(requests, self.n)
+        texts = [reply.critiques for reply in replies]
         for critiques in texts:
             if any(c is not None for c in critiques):
                 self.failed_in_a_row = 0
@@ -205,8 +222,8 @@ class JudgeWorker:
                 "judge.max_consecutive_failures"
             )
         judged = [
-            JudgedRollout(rollout=r, critiques=list(c))
-            for r, c in zip(rollouts, texts, strict=True)
+            JudgedRollout(rollout=r, critiques=list(reply.critiques), judge_prompt=reply.prompt)
+            for r, reply in zip(rollouts, replies, strict=True)
         ]
         role = ray.get_runtime_context().get_actor_name() or "judge"
         failed = sum(all(c is None for c in cs) for cs in texts)

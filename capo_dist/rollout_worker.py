@@ -1,9 +1,10 @@
 """The rollout role (`rollout-0`, …): samples G responses per prompt with the current policy.
 
 A Ray actor around one generation engine (vLLM, or Hugging Face generate).
-It formats prompts with the run's template, returns typed `Rollout`s tagged
-with the policy version that produced them, and loads new weights bucket by
-bucket from the learner.
+It formats prompts with the run's template (through the policy's chat template
+when `data.chat_template` is on; `capo_dist.tokenization`), returns typed
+`Rollout`s tagged with the policy version that produced them, and loads new
+weights bucket by bucket from the learner.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ray
 
 from capo_dist import telemetry
 from capo_dist.config import RolloutConfig
+from capo_dist.tokenization import policy_prompt_ids, require_chat_template
 from capo_dist.types import Problem, Rollout, SamplingSpec
 
 
@@ -29,9 +31,17 @@ class RolloutWorker:
         prompt_template: str,
         seed: int,
         engine_kwargs: dict | None = None,
+        chat_template: bool = False,
     ):
+        """`chat_template` (data.chat_template): prompts go through the policy's chat template."""
         from capo_dist.engines import make_engine
 
+        if chat_template:  # before the engine loads the model
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(model_path)
+            require_chat_template(tok, model_path, "data.chat_template")
+        self.chat_template = chat_template
         if cfg.num_gpus_per_worker <= 0:
             # Ray pins an actor's OMP/torch threads to floor(num_cpus), set here
             # explicitly so it holds whatever imported torch first.
@@ -61,7 +71,9 @@ class RolloutWorker:
         """`samples_per_prompt` rollouts per problem, grouped by problem, plus timing."""
         start = time.perf_counter()
         tok = self.engine.tokenizer()
-        prompts = [tok(self.template.format(question=p.question))["input_ids"] for p in problems]
+        prompts = [
+            policy_prompt_ids(tok, self.template, p.question, self.chat_template) for p in problems
+        ]
         spec = SamplingSpec(
             n=self.cfg.samples_per_prompt,
             max_tokens=self.cfg.max_new_tokens,
@@ -114,6 +126,7 @@ class RolloutWorker:
             self.template,
             seed=self.seed,
             verifier=self.verifier,
+            chat_template=self.chat_template,
         )
 
     def init_weight_transfer(self, init_info: dict) -> None:

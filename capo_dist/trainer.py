@@ -233,6 +233,7 @@ class Trainer:
                     cfg.data.prompt_template,
                     cfg.trainer.seed * 1000 + i,
                     engine_kwargs,
+                    chat_template=cfg.data.chat_template,
                 )
             )
         self.judges = []

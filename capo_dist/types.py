@@ -54,10 +54,16 @@ class Rollout:
 
 @dataclass
 class JudgedRollout:
-    """A rollout plus the raw critique texts of the judge (None = the judge failed)."""
+    """A rollout plus the raw critique texts of the judge (None = the judge failed).
+
+    `judge_prompt` is the exact text the judge model received for it (decoded
+    from the token ids sent, special tokens kept), or None where not known
+    (no judge, the symbolic checker, an HTTP endpoint) or not sent.
+    """
 
     rollout: Rollout
     critiques: list[str | None] = field(default_factory=list)
+    judge_prompt: str | None = None
 
 
 @dataclass

@@ -42,6 +42,11 @@ def test_experiments_compose(name):
     assert cfg.name == name
     assert cfg.capo.vote in ("intersection", "majority")
     assert cfg.rollout.samples_per_prompt >= 2
+    # Every paper policy is an Instruct model: its prompts go through its chat template.
+    if name == "tiny_cpu":
+        assert cfg.data.chat_template is False
+    else:
+        assert cfg.data.chat_template is True and cfg.model.path.endswith("-Instruct")
 
 
 def test_contract_keys_exist():

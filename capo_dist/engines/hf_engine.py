@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from capo_dist.tokenization import pad_token_id
 from capo_dist.types import Completion, SamplingSpec
 
 if TYPE_CHECKING:
@@ -55,9 +56,7 @@ class HFEngine:
         self._model.eval()
         self._max_len = self.config.max_model_len or self._model.config.max_position_embeddings
         self._eos_ids = _eos_token_ids(self._tok, self._model.generation_config.eos_token_id)
-        self._pad_id = self._tok.pad_token_id
-        if self._pad_id is None:
-            self._pad_id = min(self._eos_ids)
+        self._pad_id = pad_token_id(self._tok.pad_token_id, sorted(self._eos_ids))
         self._seeds = torch.Generator().manual_seed(self.config.seed)
         self._params = dict(self._model.named_parameters(remove_duplicate=False))
 

@@ -50,7 +50,7 @@ def _balanced_group(text: str, start: int) -> int | None:
     return None
 
 
-def _last_boxed(text: str) -> str | None:
+def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{…}` / `\\fbox{…}` (or `\\boxed x`), raw."""
     matches = list(_BOX_RE.finditer(text))
     for m in reversed(matches):
@@ -102,7 +102,7 @@ def extract_answer(text: str) -> str | None:
     `#### x`, else the last "the answer is x". Answers longer than
     MAX_ANSWER_CHARS count as no answer.
     """
-    for finder in (_last_boxed, _after_hashes, _answer_is):
+    for finder in (last_boxed, _after_hashes, _answer_is):
         raw = finder(text)
         if raw is not None:
             if len(raw) > MAX_ANSWER_CHARS:
