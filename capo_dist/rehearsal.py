@@ -87,16 +87,13 @@ def prepare_training_data(cfg: RunConfig) -> None:
     """Point `data.path` at a prepared file when the experiment's own file is absent."""
     if cfg.data.path and Path(cfg.data.path).is_file():
         return
-    from capo_dist.prepare_data import prepare
+    from capo_dist.prepare_data import main as prepare_data
 
     source = Path(cfg.rehearsal.data_source or DEFAULT_DATA)
-    out = (
-        Path(cfg.model.build_dir)
-        / "rehearsal_data"
-        / f"{source.stem}-{cfg.rehearsal.data_limit}.jsonl"
-    )
+    limit = cfg.rehearsal.data_limit
+    out = Path(cfg.model.build_dir) / "rehearsal_data" / f"{source.stem}-{limit}.jsonl"
     if not out.is_file():
-        prepare(str(source), out, fmt="gsm8k", limit=cfg.rehearsal.data_limit)
+        prepare_data(["--source", str(source), "--limit", str(limit), "--out", str(out)])
     print(f"[capo_dist] rehearsal: {cfg.data.path} is absent; training on {out} (from {source})")
     cfg.data.path = str(out)
 
