@@ -65,6 +65,7 @@ def _build_once(out: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         build(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is for everyone to read
         os.rename(tmp, out)
     except OSError:
         if not out.is_dir():
