@@ -335,7 +335,7 @@ def fill_hf_cache(
     for f in files:
         blob = repo / "blobs" / blobs[f.name]
         if not blob.exists():
-            tmp = blob.with_name(blob.name + ".incomplete")
+            tmp = blob.with_name(f"{blob.name}.{os.getpid()}.incomplete")
             _link_or_copy(f, tmp)
             os.replace(tmp, blob)
 
