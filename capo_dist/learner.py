@@ -56,7 +56,7 @@ from capo_dist.hf_checkpoint import copy_side_files, load_checkpoint_weights
 from capo_dist.rewards.loss import ppo_clip_loss, token_logprobs
 from capo_dist.types import TrainBatch
 from capo_dist.weight_sync import (
-    NcclTransport,
+    CollectiveTransport,
     ObjectStoreTransport,
     ParamSpec,
     WeightTransport,
@@ -148,7 +148,7 @@ class Learner:
         self.hf_config: Any = None
         self.pad_token_id = 0
         self.step = 0
-        self._nccl: NcclTransport | None = None
+        self._collective: CollectiveTransport | None = None
 
     # ---------------------------------------------------------------- set-up
 
@@ -464,26 +464,36 @@ class Learner:
         transport = ObjectStoreTransport() if self.rank == 0 else None
         return self._sync_weights(transport, bucket_bytes)
 
-    def init_nccl_weight_sync(self, master_address: str, master_port: int, world_size: int) -> None:
-        """GPU only: rank 0 joins the learner↔engines NCCL group as its rank 0 (others: no-op).
+    def init_weight_sync(
+        self,
+        backend: str,
+        master_address: str,
+        master_port: int,
+        world_size: int,
+        timeout_s: float,
+    ) -> None:
+        """Rank 0 joins the learner↔engines group as its rank 0 (other ranks: no-op).
 
-        The engines must join at the same time (vLLM's
-        `init_weight_transfer_engine` with `NcclTransport.plan(...).init_info`).
+        `backend`: "nccl" (GPU) or "gloo" (CPU). The engines must join at the
+        same time (vLLM's `init_weight_transfer_engine` with
+        `CollectiveSyncPlan.init_infos`); the join fails after `timeout_s`.
         """
         if self.rank == 0:
-            self._nccl = NcclTransport.connect(master_address, master_port, world_size)
+            self._collective = CollectiveTransport.connect(
+                backend, master_address, master_port, world_size, timeout_s
+            )
 
     def broadcast_weights(self, bucket_bytes: int) -> None:
-        """GPU only: gather bucket by bucket and broadcast each from rank 0 over NCCL.
+        """Gather bucket by bucket and broadcast each from rank 0 over the sync group.
 
         Collective over the learner ranks; the engines must be inside their
-        `update_weights` (with `NcclTransport.plan(...).update_info`) meanwhile.
+        `update_weights` (with `CollectiveSyncPlan.update_info`) meanwhile.
         """
         # Decided on every rank, so a missing group fails everywhere instead of hanging.
-        (missing,) = self._all_reduce([float(self.rank == 0 and self._nccl is None)])
+        (missing,) = self._all_reduce([float(self.rank == 0 and self._collective is None)])
         if missing:
-            raise RuntimeError("broadcast_weights before init_nccl_weight_sync")
-        self._sync_weights(self._nccl, bucket_bytes)
+            raise RuntimeError("broadcast_weights before init_weight_sync")
+        self._sync_weights(self._collective, bucket_bytes)
 
     # ---------------------------------------------------------------- checkpoints
 

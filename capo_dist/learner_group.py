@@ -18,7 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from capo_dist.learner import Learner, LearnerConfig
 from capo_dist.types import TrainBatch
-from capo_dist.weight_sync import NcclSyncPlan, NcclTransport, ParamSpec
+from capo_dist.weight_sync import CollectiveSyncPlan, CollectiveTransport, ParamSpec
 
 
 @ray.remote(num_cpus=0)
@@ -117,28 +117,32 @@ class LearnerGroup:
         """The full weights as `WeightBucket` refs in the object store (HF names, sync order)."""
         return self._all("gather_weight_buckets", bucket_bytes)[0]
 
-    def nccl_sync_plan(self, bucket_bytes: int, num_engine_ranks: int) -> NcclSyncPlan:
-        """GPU only: a rendezvous on rank 0's node and the engines' vLLM payloads for NCCL sync.
+    def collective_sync_plan(
+        self, bucket_bytes: int, engine_world_sizes: list[int]
+    ) -> CollectiveSyncPlan:
+        """A rendezvous on rank 0's node and every engine's vLLM payloads for collective sync.
 
-        `num_engine_ranks` counts every engine worker process (TP x DP over
-        all rollout engines); the NCCL group is those plus learner rank 0.
+        `engine_world_sizes[i]` is rollout engine i's worker count (TP x PP);
+        the group is all those workers plus learner rank 0.
         """
         addr, port = ray.get(_master_endpoint.options(scheduling_strategy=self._bundle(0)).remote())
-        return NcclTransport.plan(
-            self.weight_specs(), bucket_bytes, addr, port, world_size=1 + num_engine_ranks
+        return CollectiveTransport.plan(
+            self.weight_specs(), bucket_bytes, addr, port, engine_world_sizes
         )
 
-    def init_nccl_weight_sync(self, plan: NcclSyncPlan) -> ray.ObjectRef:
-        """GPU only: start rank 0 joining the NCCL group; wait on the ref after starting the
-        engines' `init_weight_transfer_engine(plan.init_info)` (both sides meet in the rendezvous)."""
-        info = plan.init_info
-        return self.actors[0].init_nccl_weight_sync.remote(
-            info["master_address"], info["master_port"], info["world_size"]
+    def init_weight_sync(
+        self, plan: CollectiveSyncPlan, backend: str, timeout_s: float
+    ) -> ray.ObjectRef:
+        """Start rank 0 joining the sync group; wait on the ref after starting the engines'
+        `init_weight_transfer_engine(plan.init_infos[i])` (all meet in the rendezvous)."""
+        addr, port = plan.master
+        return self.actors[0].init_weight_sync.remote(
+            backend, addr, port, plan.world_size, timeout_s
         )
 
     def broadcast_weights(self, bucket_bytes: int) -> list[ray.ObjectRef]:
-        """GPU only: start the bucketed NCCL broadcast on all ranks; wait on the refs after
-        starting the engines' `update_weights(plan.update_info)`."""
+        """Start the bucketed broadcast on all ranks; wait on the refs (with the engines'
+        `update_weights(plan.update_info)`, started first)."""
         return [a.broadcast_weights.remote(bucket_bytes) for a in self.actors]
 
     def save_checkpoint(self, directory: str) -> None:
