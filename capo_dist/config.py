@@ -22,7 +22,7 @@ VOTE_MODES = ("intersection", "majority", "union", "average")
 ADVANTAGE_MODES = ("group_token", "group_response", "no_std")
 JUDGE_BACKENDS = ("vllm", "hf", "openai", "symbolic")
 ROLLOUT_BACKENDS = ("vllm", "hf")
-SYNC_TRANSPORTS = ("object_store", "nccl")
+SYNC_TRANSPORTS = ("object_store", "nccl", "gloo")
 WANDB_MODES = ("disabled", "offline", "online")
 
 
@@ -139,10 +139,19 @@ class CapoConfig:
 
 @dataclass
 class SyncConfig:
-    """How updated weights reach the rollout engines."""
+    """How updated weights reach the rollout engines.
+
+    `transport`: object_store (learner rank 0 puts buckets in Ray's object
+    store, each engine loads them), or the collective path — learner rank 0
+    broadcasts each bucket to every engine worker through vLLM's
+    weight-transfer API — over `nccl` (GPU) or `gloo` (CPU; the same code,
+    only the communicator differs). `init_timeout_s` bounds forming the
+    learner↔engines group (collective only).
+    """
 
     transport: str = "object_store"
     bucket_mb: int = 64
+    init_timeout_s: float = 600.0
 
 
 @dataclass
@@ -163,6 +172,10 @@ class TrainerConfig:
     clip_high: float = 0.2
     kl_coef: float = 0.0
     tis_cap: float | None = None
+    # Off-policy correction of rows sampled one policy version behind (max_staleness=1):
+    # their PPO ratio is taken against the engine's sampling log-probs, the importance
+    # weight old/behaviour capped at this (> 1). See capo_dist.rewards.loss.
+    stale_ratio_cap: float = 2.0
     seed: int = 0
     sync: SyncConfig = field(default_factory=SyncConfig)
     # Checkpoints: every N steps (0 = only at the end), the last `keep_checkpoints`
@@ -318,9 +331,25 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"data.path={cfg.data.path!r} is not a file; give a JSONL file or null to generate arithmetic problems"
         )
-    if cfg.trainer.sync.transport == "nccl" and cfg.trainer.num_gpus_per_learner <= 0:
+    transport = cfg.trainer.sync.transport
+    if transport == "nccl" and (
+        cfg.trainer.num_gpus_per_learner <= 0 or cfg.rollout.num_gpus_per_worker <= 0
+    ):
         raise ConfigError(
-            "trainer.sync.transport=nccl needs GPUs (trainer.num_gpus_per_learner > 0); use object_store on CPU"
+            "trainer.sync.transport=nccl needs GPUs (trainer.num_gpus_per_learner > 0 and "
+            "rollout.num_gpus_per_worker > 0); use gloo (the same collective path) or object_store on CPU"
+        )
+    if transport in ("nccl", "gloo") and cfg.rollout.backend != "vllm":
+        raise ConfigError(
+            f"trainer.sync.transport={transport} receives through vLLM's weight-transfer API; "
+            f"rollout.backend={cfg.rollout.backend} has none: use rollout.backend=vllm or "
+            "trainer.sync.transport=object_store"
+        )
+    _at_least("trainer.sync.init_timeout_s", cfg.trainer.sync.init_timeout_s, 1)
+    if cfg.trainer.stale_ratio_cap <= 1.0:
+        raise ConfigError(
+            f"trainer.stale_ratio_cap={cfg.trainer.stale_ratio_cap} must be > 1 (it caps the "
+            "importance weight of stale rows; 2.0 is the default)"
         )
 
 

@@ -5,9 +5,14 @@ GPU, gloo on CPU — DeepSpeed picks its accelerator and backend itself). Each
 rank trains on its shard of a `TrainBatch` (rows rank::W):
 
 * old log-probs come from the learner itself, before the update (no grad);
-  the sampler's log-probs serve only the optional truncated importance
-  weight (`tis_cap`); a frozen reference model (ZeRO-3 too, no optimizer)
-  gives the k3 KL term when `kl_coef > 0`;
+  a frozen reference model (ZeRO-3 too, no optimizer) gives the k3 KL term
+  when `kl_coef > 0`;
+* off-policy correction: a row sampled by an older policy version than the
+  learner's (`trainer.max_staleness=1`: the next batch is generated while
+  this one trains) takes its PPO ratio against the engine's sampling
+  log-probs (the behaviour policy), with the importance weight old/behaviour
+  capped at `stale_ratio_cap` (`capo_dist.rewards.loss`); fresh rows use the
+  sampler's log-probs only for the optional truncated IS weight (`tis_cap`);
 * the loss is a token mean over the GLOBAL number of loss tokens of each
   optimizer step (all ranks, all micro-batches), so a step computes the same
   thing for any W and any micro-batch size;
@@ -77,6 +82,8 @@ class LearnerConfig:
     `dtype` is the training precision of the weights ("float32" or
     "bfloat16"; ZeRO-3 keeps fp32 master weights for bf16). The learning rate
     is constant after a linear warmup of `warmup_steps` optimizer steps.
+    `stale_ratio_cap` caps the behaviour importance weight of stale rows
+    (see `train_step`).
     `ref_model_path` (default: `model_path`) is loaded only when
     `kl_coef > 0`.
     """
@@ -97,6 +104,7 @@ class LearnerConfig:
     kl_coef: float = 0.0
     ref_model_path: str | None = None
     tis_cap: float | None = None
+    stale_ratio_cap: float = 2.0
     seed: int = 0
     num_gpus_per_learner: float = 0.0
     num_cpus_per_learner: float = 1.0
@@ -276,12 +284,19 @@ class Learner:
 
     # ---------------------------------------------------------------- training
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, policy_version: int | None = None) -> dict[str, float]:
         """PPO epochs over this rank's shard; returns metrics reduced over all ranks.
+
+        `policy_version` is the version of the weights this learner holds (the
+        driver's sync count). Rows with `batch.policy_version` below it were
+        sampled by an older policy: their ratio is taken against the engine's
+        sampling log-probs, the importance weight capped at
+        `stale_ratio_cap` (`ppo_clip_loss`, `stale=`). Without either version
+        every row counts as fresh.
 
         Metrics: `loss` and `pg_loss` (global token-mean loss, averaged over
         optimizer steps), token-weighted global means of `clip_frac`,
-        `approx_kl`, `ratio_mean`, `kl`, `tis_mean`; `grad_norm` (global,
+        `approx_kl`, `ratio_mean`, `kl`, `tis_mean`, `stale_frac`; `grad_norm` (global,
         before clipping, of the last step; inf if it was skipped), `lr` (of the last step), `tokens`
         (loss tokens in the whole batch, all ranks), `steps` (optimizer
         steps), `skipped` (steps skipped for a non-finite gradient norm),
@@ -300,6 +315,9 @@ class Learner:
         num_micro = [int(c) for c in reduced]
         global_tokens = self._all_reduce(tokens)
         micro = [self._micro_batches(m, n) for m, n in zip(minis, num_micro, strict=True)]
+        stale = torch.zeros(n_rows, dtype=torch.bool)
+        if policy_version is not None and batch.policy_version is not None:
+            stale = batch.policy_version < policy_version
 
         # Old (and reference) log-probs, before any update. With a single
         # optimizer step per batch the policy has not moved when the loss is
@@ -319,7 +337,15 @@ class Learner:
                         ref[key] = self._forward_logprobs(self.ref_engine, ids, att)
 
         engine.train()
-        stat_names = ("clip_frac", "approx_kl", "ratio_mean", "kl", "tis_mean", "pg_loss")
+        stat_names = (
+            "clip_frac",
+            "approx_kl",
+            "ratio_mean",
+            "kl",
+            "tis_mean",
+            "pg_loss",
+            "stale_frac",
+        )
         sums = dict.fromkeys(("loss", *stat_names), 0.0)
         steps = skipped = 0
         grad_norm = lr = 0.0
@@ -352,6 +378,8 @@ class Learner:
                         sampler_logprobs=samp,
                         tis_cap=cfg.tis_cap,
                         num_tokens=max(n_tok, 1.0),
+                        stale=stale[chunk].to(self.device) if len(chunk) else None,
+                        stale_ratio_cap=cfg.stale_ratio_cap,
                     )
                     # ZeRO averages gradients over the W ranks; each rank's loss is
                     # already its share of the global token mean, so scale by W.

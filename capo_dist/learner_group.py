@@ -9,6 +9,7 @@ fails instead of hanging in a collective.
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 import ray
@@ -30,17 +31,31 @@ def _master_endpoint() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
-def _get_all(refs: list[ray.ObjectRef]) -> list[Any]:
-    """Results of all ranks, failing as soon as ANY rank fails.
+def get_all(
+    refs: dict[Any, ray.ObjectRef] | list[ray.ObjectRef],
+    timeout_s: float | None = None,
+    what: str = "",
+) -> list[Any]:
+    """Results of all calls (in order), failing as soon as ANY fails or `timeout_s` passes.
 
     A plain `ray.get(refs)` would block on rank 0, which waits forever inside a
     collective for a peer that has died; this surfaces the dead rank's error.
+    With `refs` a dict, a timeout names the keys (e.g. actors) still running.
     """
-    pending = list(refs)
+    named = refs if isinstance(refs, dict) else dict(enumerate(refs))
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pending = list(named.values())
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        ray.get(done)  # raises the failed rank's error at once
-    return ray.get(refs)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not done:
+            late = [str(k) for k, r in named.items() if r in pending]
+            raise TimeoutError(
+                f"{what or 'waiting for Ray calls'}: {', '.join(late)} did not finish within "
+                f"{timeout_s:g}s; see their actor logs (a peer that never joined or died)"
+            )
+        ray.get(done)  # raises the failed call's error at once
+    return ray.get(list(named.values()))
 
 
 class LearnerGroup:
@@ -86,14 +101,20 @@ class LearnerGroup:
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         """Call `method(*args)` on every rank at once and wait for all results."""
-        return _get_all([getattr(a, method).remote(*args) for a in self.actors])
+        return get_all([getattr(a, method).remote(*args) for a in self.actors])
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One PPO update on `batch` (rank r trains rows r::W); metrics reduced over ranks."""
+    def train_step(self, batch: TrainBatch, policy_version: int | None = None) -> dict[str, float]:
+        """One PPO update on `batch` (rank r trains rows r::W); metrics reduced over ranks.
+
+        `policy_version`: the version of the weights the learner holds now (the
+        driver's sync count); rows sampled by an older one are corrected for
+        staleness (`Learner.train_step`).
+        """
         refs = [
-            a.train_step.remote(batch.shard(r, self.world_size)) for r, a in enumerate(self.actors)
+            a.train_step.remote(batch.shard(r, self.world_size), policy_version)
+            for r, a in enumerate(self.actors)
         ]
-        return _get_all(refs)[0]
+        return get_all(refs)[0]
 
     def compute_logprobs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -105,7 +126,7 @@ class LearnerGroup:
             for r, a in enumerate(self.actors)
         ]
         out = torch.zeros(input_ids.shape, dtype=torch.float32)
-        for r, lp in enumerate(_get_all(refs)):
+        for r, lp in enumerate(get_all(refs)):
             out[r::w] = lp
         return out
 
