@@ -22,6 +22,12 @@ One `vllm.LLM` per engine. Facts this code relies on (vLLM 0.32):
   kernels support (32, 64, 80, 96, 112, 128, ...), and the CPU worker drops
   torch to 1 intra-op thread in this process and disables
   `torch.set_num_threads` for the rest of its life.
+* CPU, tensor parallel: works with `distributed_executor_backend="mp"`
+  (one worker process per TP rank). vLLM's automatic OpenMP thread binding
+  asserts one NUMA node per local worker ("Not enough allowed NUMA nodes to
+  bind threads of 2 local CPUWorkers"), so on a one-node machine give each
+  rank its cores by hand: `VLLM_CPU_OMP_THREADS_BIND="0|1"` (one list per TP
+  rank). tests/integration/test_weight_sync_exact.py syncs a TP=2 CPU engine.
 * CPU, seeded sampling: with chunked prefill, a request whose prompt is
   split over scheduler steps has its seeded generator rewound
   (`gpu_model_runner._bookkeeping_sync`), which CPU generators cannot do

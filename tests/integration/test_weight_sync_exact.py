@@ -56,6 +56,34 @@ def wait_all(refs: list, timeout_s: float) -> list:
     return ray.get(refs)
 
 
+def join_train_sync_check(learners: LearnerGroup, engines: list, plan) -> None:
+    """Form the group, take one PPO step, sync collectively; every engine then matches."""
+    refs = [e.init_weight_transfer.remote(i) for e, i in zip(engines, plan.init_infos, strict=True)]
+    refs.append(learners.init_weight_sync(plan, "gloo", 60.0))
+    wait_all(refs, timeout_s=120)
+
+    before = [engine_logprobs(e) for e in engines]
+    learner_before = learner_logprobs(learners)
+    for b in before:
+        torch.testing.assert_close(b, learner_before, atol=2e-4, rtol=0)
+
+    assert learners.train_step(ppo_batch())["skipped"] == 0.0
+    learner_after = learner_logprobs(learners)
+    assert (learner_after - learner_before).abs().max() > 1e-3
+
+    # The driver's order: engines enter their receive, learners broadcast, wait for all.
+    receives = [e.receive_weights.remote(plan.update_info, 1) for e in engines]
+    sends = learners.broadcast_weights(BUCKET_BYTES)
+    wait_all(receives + sends, timeout_s=120)
+    for e, b in zip(engines, before, strict=True):
+        after = engine_logprobs(e)
+        torch.testing.assert_close(after, learner_after, atol=2e-4, rtol=0)
+        assert (after - b).abs().max() > 1e-3
+    assert ray.get([e.state.remote() for e in engines]) == [{"calls": 0, "version": 1}] * len(
+        engines
+    )
+
+
 def test_sync_makes_engine_match_learner(tmp_path, model_build_dir):
     # vLLM here; HF's load_weights is pinned against plain transformers in tests/engines.
     cfg = compose_run(
@@ -151,30 +179,54 @@ def test_gloo_collective_sync_reaches_two_engines(tmp_path, model_build_dir):
 
         plan = learners.collective_sync_plan(BUCKET_BYTES, [1, 1])
         assert [i["rank_offset"] for i in plan.init_infos] == [1, 2] and plan.world_size == 3
-        refs = [
-            e.init_weight_transfer.remote(i) for e, i in zip(engines, plan.init_infos, strict=True)
-        ]
-        refs.append(learners.init_weight_sync(plan, "gloo", 60.0))
-        wait_all(refs, timeout_s=120)
+        join_train_sync_check(learners, engines, plan)
+        learners.shutdown()
+    finally:
+        ray.shutdown()
 
-        before = [engine_logprobs(e) for e in engines]
-        learner_before = learner_logprobs(learners)
-        for b in before:
-            torch.testing.assert_close(b, learner_before, atol=2e-4, rtol=0)
 
-        assert learners.train_step(ppo_batch())["skipped"] == 0.0
-        learner_after = learner_logprobs(learners)
-        assert (learner_after - learner_before).abs().max() > 1e-3
+def test_gloo_collective_sync_reaches_a_tensor_parallel_engine(tmp_path, model_build_dir):
+    """A TP=2 vLLM CPU engine (two worker processes, ranks 1-2) beside a TP=1 one (rank 3).
 
-        # The driver's order: engines enter their receive, learners broadcast, wait for all.
-        receives = [e.receive_weights.remote(plan.update_info, 1) for e in engines]
-        sends = learners.broadcast_weights(BUCKET_BYTES)
-        wait_all(receives + sends, timeout_s=120)
-        for e, b in zip(engines, before, strict=True):
-            after = engine_logprobs(e)
-            torch.testing.assert_close(after, learner_after, atol=2e-4, rtol=0)
-            assert (after - b).abs().max() > 1e-3
-        assert ray.get([e.state.remote() for e in engines]) == [{"calls": 0, "version": 1}] * 2
+    vLLM's CPU build runs TP with the mp executor; its automatic thread
+    binding wants one NUMA node per worker, so the cores are given by hand
+    (`VLLM_CPU_OMP_THREADS_BIND`, one list per TP rank).
+    """
+    cfg = compose_run(
+        tmp_path,
+        model_build_dir,
+        "rollout.backend=vllm",
+        "rollout.kv_cache_space_gib=0.1",
+        "rollout.max_model_len=256",
+    )
+    model = prepare_policy(cfg, load_problems(cfg)[2])
+    ray.init(num_cpus=6, include_dashboard=False)
+    try:
+        learners = LearnerGroup(
+            LearnerConfig(model_path=model, lr=3e-3, micro_batch_size=4), num_learners=2
+        )
+        engines = []
+        for i, tp in enumerate((2, 1)):
+            kwargs = {"weight_transfer_backend": "capo_gloo"}
+            if tp > 1:
+                kwargs["distributed_executor_backend"] = "mp"
+            engines.append(
+                RolloutWorker.options(
+                    name=f"rollout-{i}",
+                    runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}},
+                ).remote(
+                    dataclasses.replace(cfg.rollout, tensor_parallel_size=tp),
+                    model,
+                    "float32",
+                    cfg.data.prompt_template,
+                    i,
+                    kwargs,
+                )
+            )
+        ray.get([e.state.remote() for e in engines])
+        plan = learners.collective_sync_plan(BUCKET_BYTES, [2, 1])
+        assert [i["rank_offset"] for i in plan.init_infos] == [1, 3] and plan.world_size == 4
+        join_train_sync_check(learners, engines, plan)
         learners.shutdown()
     finally:
         ray.shutdown()
