@@ -145,13 +145,16 @@ class SyncConfig:
     store, each engine loads them), or the collective path — learner rank 0
     broadcasts each bucket to every engine worker through vLLM's
     weight-transfer API — over `nccl` (GPU) or `gloo` (CPU; the same code,
-    only the communicator differs). `init_timeout_s` bounds forming the
-    learner↔engines group (collective only).
+    only the communicator differs). `timeout_s` (collective only): how long
+    the learner and the driver wait for the others — to form the group, and in
+    each broadcast, which also waits for a generation in flight on the engines
+    to end. The engines' side reads `CAPO_WEIGHT_SYNC_TIMEOUT_S` (same
+    default; `capo_dist.engines.gloo_weight_transfer`).
     """
 
     transport: str = "object_store"
     bucket_mb: int = 64
-    init_timeout_s: float = 600.0
+    timeout_s: float = 1800.0
 
 
 @dataclass
@@ -345,7 +348,7 @@ def validate(cfg: RunConfig) -> None:
             f"rollout.backend={cfg.rollout.backend} has none: use rollout.backend=vllm or "
             "trainer.sync.transport=object_store"
         )
-    _at_least("trainer.sync.init_timeout_s", cfg.trainer.sync.init_timeout_s, 1)
+    _at_least("trainer.sync.timeout_s", cfg.trainer.sync.timeout_s, 1)
     if cfg.trainer.stale_ratio_cap <= 1.0:
         raise ConfigError(
             f"trainer.stale_ratio_cap={cfg.trainer.stale_ratio_cap} must be > 1 (it caps the "

@@ -504,7 +504,8 @@ class Learner:
 
         `backend`: "nccl" (GPU) or "gloo" (CPU). The engines must join at the
         same time (vLLM's `init_weight_transfer_engine` with
-        `CollectiveSyncPlan.init_infos`); the join fails after `timeout_s`.
+        `CollectiveSyncPlan.init_infos`). gloo: `timeout_s` bounds the join and
+        every later broadcast; NCCL has no such timeout (the driver bounds the join).
         """
         if self.rank == 0:
             self._collective = CollectiveTransport.connect(

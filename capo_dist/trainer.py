@@ -359,7 +359,7 @@ class Trainer:
         """Form the learner↔engines group of the collective sync (nccl | gloo).
 
         Every engine worker (engine i at its own rank offset) and learner rank 0
-        join at once; waits at most `trainer.sync.init_timeout_s` (after the
+        join at once; waits at most `trainer.sync.timeout_s` (after the
         engines have started) and names whoever did not join.
         """
         s = self.cfg.trainer.sync
@@ -373,11 +373,11 @@ class Trainer:
             for i, (w, info) in enumerate(zip(self.rollout, self.sync_plan.init_infos, strict=True))
         }
         joins["learner-0"] = self.learners.init_weight_sync(
-            self.sync_plan, self.transport, s.init_timeout_s
+            self.sync_plan, self.transport, s.timeout_s
         )
         get_all(
             joins,
-            timeout_s=s.init_timeout_s,
+            timeout_s=s.timeout_s,
             what=f"forming the weight-sync group (trainer.sync.transport={self.transport})",
         )
 

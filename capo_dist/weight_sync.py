@@ -285,7 +285,8 @@ class GlooCommunicator:
     def connect(
         cls, master_address: str, master_port: int, rank: int, world_size: int, timeout_s: float
     ) -> GlooCommunicator:
-        """Join as `rank`; rank 0 hosts the rendezvous. Fails after `timeout_s` without peers."""
+        """Join as `rank`; rank 0 hosts the rendezvous. The join and every broadcast fail
+        after `timeout_s` without their peers."""
         from datetime import timedelta
 
         from vllm.distributed.utils import stateless_init_torch_distributed_process_group
@@ -357,7 +358,11 @@ class CollectiveTransport:
         world_size: int,
         timeout_s: float,
     ) -> CollectiveTransport:
-        """Join the learner↔engines group as rank 0 (blocks until every worker joins)."""
+        """Join the learner↔engines group as rank 0 (blocks until every worker joins).
+
+        `timeout_s` is the gloo group's timeout (the join and every broadcast);
+        vLLM's NCCL endpoint takes none.
+        """
         if backend == "gloo":
             comm = GlooCommunicator.connect(master_address, master_port, 0, world_size, timeout_s)
             return cls(comm, comm.device)
