@@ -73,6 +73,11 @@ def headline(name: str, fig: dict) -> str:
             f"{s}: {fig['bytes_per_s'][s] / 2**20:.0f} MiB/s (ratio {fig['ratio'][s]:.2f})"
             for s in fig.get("bytes_per_s", {})
         ]
+        parts += [
+            f"{s} collective: {fig['collective_bytes_per_s'][s] / 2**20:.0f} MiB/s "
+            f"(ratio {fig['collective_ratio'][s]:.2f})"
+            for s in fig.get("collective_bytes_per_s", {})
+        ]
         parts += [f"{s}: not measured" for s in fig.get("not_measured", {})]
         return "; ".join(parts)
     if name == "generation":

@@ -15,11 +15,19 @@ not fatal):
   after the load minus the same call with no update pending. seconds =
   gather + load + finalize of one sync, median over `--repeats` syncs (the
   printed parts are each their own median, so they need not add up exactly).
+* collective path (`trainer.sync.transport=gloo`; vLLM engine only) — the
+  same learners and engine, the engine built with vLLM's weight-transfer
+  engine "capo_gloo": after one group rendezvous, each sync is the engine's
+  `receive_weights` (vLLM `start_weight_update` / `update_weights` /
+  `finish_weight_update`, the layers re-processed inside it) running while
+  the learners' `broadcast_weights` gathers and broadcasts every bucket from
+  rank 0 over the gloo group. seconds = wall time of both, median over repeats.
 * baseline — the same bytes, in the same bucket sizes, broadcast with plain
   `torch.distributed.broadcast` over gloo between 2 processes on this
   machine (rank 0 → rank 1), timed on the receiver, median over repeats.
 
-bytes_per_s = model bytes / seconds; ratio = real / baseline (goal ≥ 0.8).
+bytes_per_s = model bytes / seconds; ratio = real / baseline (goal ≥ 0.8);
+collective_ratio = collective / baseline (the same bytes over the same kind of link).
 Run: `python -m benchmarks.weight_sync` (`--quick`: the 10 M size only).
 """
 
@@ -165,8 +173,10 @@ def real_sync_seconds(model_dir: str, engine: str, bucket_bytes: int, repeats: i
         t_learn = time.perf_counter() - t0
         rcfg = RolloutConfig(backend=engine, kv_cache_space_gib=0.25, max_model_len=512)
         t0 = time.perf_counter()
+        collective = engine == "vllm"
+        engine_kwargs = {"weight_transfer_backend": "capo_gloo"} if collective else {}
         worker = RolloutWorker.options(name="rollout-0", num_cpus=1).remote(
-            rcfg, model_dir, "float32", "{question}", 0
+            rcfg, model_dir, "float32", "{question}", 0, engine_kwargs
         )
         prompt, cont = [5, 6, 7, 8], [9, 10]
         ray.get(worker.sequence_logprobs.remote(prompt, cont))
@@ -189,12 +199,20 @@ def real_sync_seconds(model_dir: str, engine: str, bucket_bytes: int, repeats: i
             loads.append(t2 - t1)
             finals.append(max(t3 - t2 - plain, 0.0))
             totals.append(gathers[-1] + loads[-1] + finals[-1])
+        collective_s = (
+            collective_sync_seconds(
+                learners, worker, bucket_bytes, repeats, first_version=version + 1
+            )
+            if collective
+            else []
+        )
         learners.shutdown()
         ray.kill(worker)
         serde = serialisation_probe(min(bucket_bytes, 64 << 20))
         return {
             "serde": serde,
             "seconds": totals,
+            "collective_seconds": collective_s,
             "gather_s": median(gathers),
             "load_s": median(loads),
             "finalize_s": median(finals),
@@ -204,6 +222,33 @@ def real_sync_seconds(model_dir: str, engine: str, bucket_bytes: int, repeats: i
         }
     finally:
         ray.shutdown()
+
+
+def collective_sync_seconds(
+    learners, worker, bucket_bytes: int, repeats: int, first_version: int
+) -> list[float]:
+    """Seconds per sync over the gloo collective path (engine receive ∥ learner broadcast)."""
+    import ray
+
+    from capo_dist.learner_group import get_all
+
+    plan = learners.collective_sync_plan(bucket_bytes, [1])
+    get_all(
+        [
+            worker.init_weight_transfer.remote(plan.init_infos[0]),
+            learners.init_weight_sync(plan, "gloo", 300.0),
+        ],
+        timeout_s=300,
+        what="forming the gloo weight-sync group",
+    )
+    seconds = []
+    for version in range(first_version, first_version + repeats):
+        t0 = time.perf_counter()
+        receive = worker.receive_weights.remote(plan.update_info, version)
+        get_all([receive, *learners.broadcast_weights(bucket_bytes)], what="collective sync")
+        seconds.append(time.perf_counter() - t0)
+    ray.get(worker.sequence_logprobs.remote([5, 6, 7, 8], [9, 10]))  # the engine still answers
+    return seconds
 
 
 def serialisation_probe(nbytes: int, repeats: int = 3) -> dict[str, float]:
@@ -262,6 +307,8 @@ def one_size(size: str, engine: str, bucket_mb: int, repeats: int) -> dict:
         base = gloo_broadcast_seconds(bucket_sizes, repeats)
         real = real_sync_seconds(d, engine, bucket_bytes, repeats)
     real_s, base_s = median(real["seconds"]), median(base)
+    coll = real["collective_seconds"]
+    coll_s = median(coll) if coll else None
     return {
         "size": size,
         "params": n,
@@ -272,8 +319,12 @@ def one_size(size: str, engine: str, bucket_mb: int, repeats: int) -> dict:
         "bytes_per_s": nbytes / real_s,
         "baseline_bytes_per_s": nbytes / base_s,
         "ratio": base_s / real_s,
-        **{k: v for k, v in real.items() if k != "seconds"},
+        "collective_s": coll_s,
+        "collective_bytes_per_s": nbytes / coll_s if coll_s else None,
+        "collective_ratio": base_s / coll_s if coll_s else None,
+        **{k: v for k, v in real.items() if k not in ("seconds", "collective_seconds")},
         "real_all_s": real["seconds"],
+        "collective_all_s": coll,
         "baseline_all_s": base,
     }
 
@@ -339,6 +390,11 @@ def main() -> None:
             "path",
             f"2 ZeRO-3 learners → object store → 1 {args.engine} engine, {args.bucket_mb} MiB buckets",
         ),
+        (
+            "collective",
+            "2 ZeRO-3 learners → rank 0 broadcasts over gloo → vLLM weight-transfer engine "
+            "capo_gloo (trainer.sync.transport=gloo; vllm engine only)",
+        ),
         ("baseline", "torch.distributed.broadcast, gloo, 2 processes, same buckets"),
     ]
     for size in sizes:
@@ -356,6 +412,15 @@ def main() -> None:
                 f"ratio {r['ratio']:.2f} (goal ≥ 0.8)",
             )
         )
+        if r["collective_s"] is not None:
+            rows.append(
+                (
+                    f"{size} collective",
+                    f"capo {mib_s(r['collective_bytes_per_s'])} ({r['collective_s']:.2f} s, "
+                    f"gather + broadcast + load + finalize), ratio {r['collective_ratio']:.2f} "
+                    "vs the plain broadcast",
+                )
+            )
     missed = [s for s, r in results.items() if r["ratio"] < 0.8]
     if missed:
         r = results[missed[-1]]
@@ -383,11 +448,22 @@ def main() -> None:
                 s: round(r["baseline_bytes_per_s"], 1) for s, r in results.items()
             },
             "ratio": {s: round(r["ratio"], 4) for s, r in results.items()},
+            "collective_bytes_per_s": {
+                s: round(r["collective_bytes_per_s"], 1)
+                for s, r in results.items()
+                if r["collective_s"] is not None
+            },
+            "collective_ratio": {
+                s: round(r["collective_ratio"], 4)
+                for s, r in results.items()
+                if r["collective_s"] is not None
+            },
             "seconds": {
                 s: {
                     k: round(r[k], 4)
                     for k in ("real_s", "gather_s", "load_s", "finalize_s", "baseline_s")
                 }
+                | ({"collective_s": round(r["collective_s"], 4)} if r["collective_s"] else {})
                 for s, r in results.items()
             },
             "params": {s: r["params"] for s, r in results.items()},

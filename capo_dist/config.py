@@ -22,7 +22,7 @@ VOTE_MODES = ("intersection", "majority", "union", "average")
 ADVANTAGE_MODES = ("group_token", "group_response", "no_std")
 JUDGE_BACKENDS = ("vllm", "hf", "openai", "symbolic")
 ROLLOUT_BACKENDS = ("vllm", "hf")
-SYNC_TRANSPORTS = ("object_store", "nccl")
+SYNC_TRANSPORTS = ("object_store", "nccl", "gloo")
 WANDB_MODES = ("disabled", "offline", "online")
 
 
@@ -143,10 +143,22 @@ class CapoConfig:
 
 @dataclass
 class SyncConfig:
-    """How updated weights reach the rollout engines."""
+    """How updated weights reach the rollout engines.
+
+    `transport`: object_store (learner rank 0 puts buckets in Ray's object
+    store, each engine loads them), or the collective path — learner rank 0
+    broadcasts each bucket to every engine worker through vLLM's
+    weight-transfer API — over `nccl` (GPU) or `gloo` (CPU; the same code,
+    only the communicator differs). `timeout_s` (collective only): how long
+    the learner and the driver wait for the others — to form the group, and in
+    each broadcast, which also waits for a generation in flight on the engines
+    to end. The engines' side reads `CAPO_WEIGHT_SYNC_TIMEOUT_S` (same
+    default; `capo_dist.engines.gloo_weight_transfer`).
+    """
 
     transport: str = "object_store"
     bucket_mb: int = 64
+    timeout_s: float = 1800.0
     # After every sync, score one of the step's responses on every engine and on the
     # learner and log the largest log-prob difference (`sync_max_logprob_diff`); a
     # difference above `verify_tol` stops the run (an engine that did not take the weights).
@@ -172,6 +184,10 @@ class TrainerConfig:
     clip_high: float = 0.2
     kl_coef: float = 0.0
     tis_cap: float | None = None
+    # Off-policy correction of rows sampled one policy version behind (max_staleness=1):
+    # their PPO ratio is taken against the engine's sampling log-probs, the importance
+    # weight old/behaviour capped at this (> 1). See capo_dist.rewards.loss.
+    stale_ratio_cap: float = 2.0
     seed: int = 0
     sync: SyncConfig = field(default_factory=SyncConfig)
     # Checkpoints: every N steps (0 = only at the end), the last `keep_checkpoints`
@@ -392,9 +408,25 @@ def validate(cfg: RunConfig) -> None:
             "or use logging.wandb_mode=offline (and `wandb sync` later)"
         )
     _at_least("ray.placement_timeout_s", cfg.ray.placement_timeout_s, 1)
-    if cfg.trainer.sync.transport == "nccl" and cfg.trainer.num_gpus_per_learner <= 0:
+    transport = cfg.trainer.sync.transport
+    if transport == "nccl" and (
+        cfg.trainer.num_gpus_per_learner <= 0 or cfg.rollout.num_gpus_per_worker <= 0
+    ):
         raise ConfigError(
-            "trainer.sync.transport=nccl needs GPUs (trainer.num_gpus_per_learner > 0); use object_store on CPU"
+            "trainer.sync.transport=nccl needs GPUs (trainer.num_gpus_per_learner > 0 and "
+            "rollout.num_gpus_per_worker > 0); use gloo (the same collective path) or object_store on CPU"
+        )
+    if transport in ("nccl", "gloo") and cfg.rollout.backend != "vllm":
+        raise ConfigError(
+            f"trainer.sync.transport={transport} receives through vLLM's weight-transfer API; "
+            f"rollout.backend={cfg.rollout.backend} has none: use rollout.backend=vllm or "
+            "trainer.sync.transport=object_store"
+        )
+    _at_least("trainer.sync.timeout_s", cfg.trainer.sync.timeout_s, 1)
+    if cfg.trainer.stale_ratio_cap <= 1.0:
+        raise ConfigError(
+            f"trainer.stale_ratio_cap={cfg.trainer.stale_ratio_cap} must be > 1 (it caps the "
+            "importance weight of stale rows; 2.0 is the default)"
         )
 
 

@@ -170,4 +170,5 @@ def _pack(
         adv[b, n_p : n_p + n_c] = advantages[b, :n_c]
         if c.logprobs:
             sampler[b, n_p : n_p + n_c] = torch.tensor(c.logprobs[:n_c], dtype=torch.float32)
-    return TrainBatch(input_ids, attention, loss_mask, adv, sampler)
+    version = torch.tensor([j.rollout.policy_version for j in judged], dtype=torch.long)
+    return TrainBatch(input_ids, attention, loss_mask, adv, sampler, version)

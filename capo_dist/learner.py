@@ -5,9 +5,14 @@ GPU, gloo on CPU — DeepSpeed picks its accelerator and backend itself). Each
 rank trains on its shard of a `TrainBatch` (rows rank::W):
 
 * old log-probs come from the learner itself, before the update (no grad);
-  the sampler's log-probs serve only the optional truncated importance
-  weight (`tis_cap`); a frozen reference model (ZeRO-3 too, no optimizer)
-  gives the k3 KL term when `kl_coef > 0`;
+  a frozen reference model (ZeRO-3 too, no optimizer) gives the k3 KL term
+  when `kl_coef > 0`;
+* off-policy correction: a row sampled by an older policy version than the
+  learner's (`trainer.max_staleness=1`: the next batch is generated while
+  this one trains) takes its PPO ratio against the engine's sampling
+  log-probs (the behaviour policy), with the importance weight old/behaviour
+  capped at `stale_ratio_cap` (`capo_dist.rewards.loss`); fresh rows use the
+  sampler's log-probs only for the optional truncated IS weight (`tis_cap`);
 * the loss is a token mean over the GLOBAL number of loss tokens of each
   optimizer step (all ranks, all micro-batches), so a step computes the same
   thing for any W and any micro-batch size;
@@ -60,7 +65,7 @@ from capo_dist.hf_checkpoint import (
 from capo_dist.rewards.loss import ppo_clip_loss, token_logprobs
 from capo_dist.types import TrainBatch
 from capo_dist.weight_sync import (
-    NcclTransport,
+    CollectiveTransport,
     ObjectStoreTransport,
     ParamSpec,
     WeightTransport,
@@ -81,6 +86,8 @@ class LearnerConfig:
     `dtype` is the training precision of the weights ("float32" or
     "bfloat16"; ZeRO-3 keeps fp32 master weights for bf16). The learning rate
     is constant after a linear warmup of `warmup_steps` optimizer steps.
+    `stale_ratio_cap` caps the behaviour importance weight of stale rows
+    (see `train_step`).
     `ref_model_path` (default: `model_path`) is loaded only when
     `kl_coef > 0`.
     """
@@ -101,6 +108,7 @@ class LearnerConfig:
     kl_coef: float = 0.0
     ref_model_path: str | None = None
     tis_cap: float | None = None
+    stale_ratio_cap: float = 2.0
     seed: int = 0
     num_gpus_per_learner: float = 0.0
     num_cpus_per_learner: float = 1.0
@@ -152,7 +160,7 @@ class Learner:
         self.hf_config: Any = None
         self.pad_token_id = 0
         self.step = 0
-        self._nccl: NcclTransport | None = None
+        self._collective: CollectiveTransport | None = None
 
     # ---------------------------------------------------------------- set-up
 
@@ -291,12 +299,19 @@ class Learner:
 
     # ---------------------------------------------------------------- training
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, policy_version: int | None = None) -> dict[str, float]:
         """PPO epochs over this rank's shard; returns metrics reduced over all ranks.
+
+        `policy_version` is the version of the weights this learner holds (the
+        driver's sync count). Rows with `batch.policy_version` below it were
+        sampled by an older policy: their ratio is taken against the engine's
+        sampling log-probs, the importance weight capped at
+        `stale_ratio_cap` (`ppo_clip_loss`, `stale=`). Without either version
+        every row counts as fresh.
 
         Metrics: `loss` and `pg_loss` (global token-mean loss, averaged over
         optimizer steps), token-weighted global means of `clip_frac`,
-        `approx_kl`, `ratio_mean`, `kl`, `tis_mean`; `grad_norm` (global,
+        `approx_kl`, `ratio_mean`, `kl`, `tis_mean`, `stale_frac`; `grad_norm` (global,
         before clipping, of the last step; inf if it was skipped), `lr` (of the last step), `tokens`
         (loss tokens in the whole batch, all ranks), `steps` (optimizer
         steps), `skipped` (steps skipped for a non-finite gradient norm),
@@ -315,6 +330,9 @@ class Learner:
         num_micro = [int(c) for c in reduced]
         global_tokens = self._all_reduce(tokens)
         micro = [self._micro_batches(m, n) for m, n in zip(minis, num_micro, strict=True)]
+        stale = torch.zeros(n_rows, dtype=torch.bool)
+        if policy_version is not None and batch.policy_version is not None:
+            stale = batch.policy_version < policy_version
 
         # Old (and reference) log-probs, before any update. With a single
         # optimizer step per batch the policy has not moved when the loss is
@@ -334,7 +352,15 @@ class Learner:
                         ref[key] = self._forward_logprobs(self.ref_engine, ids, att)
 
         engine.train()
-        stat_names = ("clip_frac", "approx_kl", "ratio_mean", "kl", "tis_mean", "pg_loss")
+        stat_names = (
+            "clip_frac",
+            "approx_kl",
+            "ratio_mean",
+            "kl",
+            "tis_mean",
+            "pg_loss",
+            "stale_frac",
+        )
         sums = dict.fromkeys(("loss", *stat_names), 0.0)
         steps = skipped = 0
         grad_norm = lr = 0.0
@@ -367,6 +393,8 @@ class Learner:
                         sampler_logprobs=samp,
                         tis_cap=cfg.tis_cap,
                         num_tokens=max(n_tok, 1.0),
+                        stale=stale[chunk].to(self.device) if len(chunk) else None,
+                        stale_ratio_cap=cfg.stale_ratio_cap,
                     )
                     # ZeRO averages gradients over the W ranks; each rank's loss is
                     # already its share of the global token mean, so scale by W.
@@ -479,26 +507,37 @@ class Learner:
         transport = ObjectStoreTransport() if self.rank == 0 else None
         return self._sync_weights(transport, bucket_bytes)
 
-    def init_nccl_weight_sync(self, master_address: str, master_port: int, world_size: int) -> None:
-        """GPU only: rank 0 joins the learner↔engines NCCL group as its rank 0 (others: no-op).
+    def init_weight_sync(
+        self,
+        backend: str,
+        master_address: str,
+        master_port: int,
+        world_size: int,
+        timeout_s: float,
+    ) -> None:
+        """Rank 0 joins the learner↔engines group as its rank 0 (other ranks: no-op).
 
-        The engines must join at the same time (vLLM's
-        `init_weight_transfer_engine` with `NcclTransport.plan(...).init_info`).
+        `backend`: "nccl" (GPU) or "gloo" (CPU). The engines must join at the
+        same time (vLLM's `init_weight_transfer_engine` with
+        `CollectiveSyncPlan.init_infos`). gloo: `timeout_s` bounds the join and
+        every later broadcast; NCCL has no such timeout (the driver bounds the join).
         """
         if self.rank == 0:
-            self._nccl = NcclTransport.connect(master_address, master_port, world_size)
+            self._collective = CollectiveTransport.connect(
+                backend, master_address, master_port, world_size, timeout_s
+            )
 
     def broadcast_weights(self, bucket_bytes: int) -> None:
-        """GPU only: gather bucket by bucket and broadcast each from rank 0 over NCCL.
+        """Gather bucket by bucket and broadcast each from rank 0 over the sync group.
 
         Collective over the learner ranks; the engines must be inside their
-        `update_weights` (with `NcclTransport.plan(...).update_info`) meanwhile.
+        `update_weights` (with `CollectiveSyncPlan.update_info`) meanwhile.
         """
         # Decided on every rank, so a missing group fails everywhere instead of hanging.
-        (missing,) = self._all_reduce([float(self.rank == 0 and self._nccl is None)])
+        (missing,) = self._all_reduce([float(self.rank == 0 and self._collective is None)])
         if missing:
-            raise RuntimeError("broadcast_weights before init_nccl_weight_sync")
-        self._sync_weights(self._nccl, bucket_bytes)
+            raise RuntimeError("broadcast_weights before init_weight_sync")
+        self._sync_weights(self._collective, bucket_bytes)
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -9,6 +9,7 @@ fails instead of hanging in a collective.
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 import ray
@@ -18,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from capo_dist.learner import Learner, LearnerConfig
 from capo_dist.types import TrainBatch
-from capo_dist.weight_sync import NcclSyncPlan, NcclTransport, ParamSpec
+from capo_dist.weight_sync import CollectiveSyncPlan, CollectiveTransport, ParamSpec
 
 
 @ray.remote(num_cpus=0)
@@ -30,17 +31,31 @@ def _master_endpoint() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
-def _get_all(refs: list[ray.ObjectRef]) -> list[Any]:
-    """Results of all ranks, failing as soon as ANY rank fails.
+def get_all(
+    refs: dict[Any, ray.ObjectRef] | list[ray.ObjectRef],
+    timeout_s: float | None = None,
+    what: str = "",
+) -> list[Any]:
+    """Results of all calls (in order), failing as soon as ANY fails or `timeout_s` passes.
 
     A plain `ray.get(refs)` would block on rank 0, which waits forever inside a
     collective for a peer that has died; this surfaces the dead rank's error.
+    With `refs` a dict, a timeout names the keys (e.g. actors) still running.
     """
-    pending = list(refs)
+    named = refs if isinstance(refs, dict) else dict(enumerate(refs))
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pending = list(named.values())
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        ray.get(done)  # raises the failed rank's error at once
-    return ray.get(refs)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not done:
+            late = [str(k) for k, r in named.items() if r in pending]
+            raise TimeoutError(
+                f"{what or 'waiting for Ray calls'}: {', '.join(late)} did not finish within "
+                f"{timeout_s:g}s; see their actor logs (a peer that never joined or died)"
+            )
+        ray.get(done)  # raises the failed call's error at once
+    return ray.get(list(named.values()))
 
 
 class LearnerGroup:
@@ -94,14 +109,20 @@ class LearnerGroup:
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         """Call `method(*args)` on every rank at once and wait for all results."""
-        return _get_all([getattr(a, method).remote(*args) for a in self.actors])
+        return get_all([getattr(a, method).remote(*args) for a in self.actors])
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One PPO update on `batch` (rank r trains rows r::W); metrics reduced over ranks."""
+    def train_step(self, batch: TrainBatch, policy_version: int | None = None) -> dict[str, float]:
+        """One PPO update on `batch` (rank r trains rows r::W); metrics reduced over ranks.
+
+        `policy_version`: the version of the weights the learner holds now (the
+        driver's sync count); rows sampled by an older one are corrected for
+        staleness (`Learner.train_step`).
+        """
         refs = [
-            a.train_step.remote(batch.shard(r, self.world_size)) for r, a in enumerate(self.actors)
+            a.train_step.remote(batch.shard(r, self.world_size), policy_version)
+            for r, a in enumerate(self.actors)
         ]
-        return _get_all(refs)[0]
+        return get_all(refs)[0]
 
     def compute_logprobs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -113,7 +134,7 @@ class LearnerGroup:
             for r, a in enumerate(self.actors)
         ]
         out = torch.zeros(input_ids.shape, dtype=torch.float32)
-        for r, lp in enumerate(_get_all(refs)):
+        for r, lp in enumerate(get_all(refs)):
             out[r::w] = lp
         return out
 
@@ -125,28 +146,32 @@ class LearnerGroup:
         """The full weights as `WeightBucket` refs in the object store (HF names, sync order)."""
         return self._all("gather_weight_buckets", bucket_bytes)[0]
 
-    def nccl_sync_plan(self, bucket_bytes: int, num_engine_ranks: int) -> NcclSyncPlan:
-        """GPU only: a rendezvous on rank 0's node and the engines' vLLM payloads for NCCL sync.
+    def collective_sync_plan(
+        self, bucket_bytes: int, engine_world_sizes: list[int]
+    ) -> CollectiveSyncPlan:
+        """A rendezvous on rank 0's node and every engine's vLLM payloads for collective sync.
 
-        `num_engine_ranks` counts every engine worker process (TP x DP over
-        all rollout engines); the NCCL group is those plus learner rank 0.
+        `engine_world_sizes[i]` is rollout engine i's worker count (TP x PP);
+        the group is all those workers plus learner rank 0.
         """
         addr, port = ray.get(_master_endpoint.options(scheduling_strategy=self._bundle(0)).remote())
-        return NcclTransport.plan(
-            self.weight_specs(), bucket_bytes, addr, port, world_size=1 + num_engine_ranks
+        return CollectiveTransport.plan(
+            self.weight_specs(), bucket_bytes, addr, port, engine_world_sizes
         )
 
-    def init_nccl_weight_sync(self, plan: NcclSyncPlan) -> ray.ObjectRef:
-        """GPU only: start rank 0 joining the NCCL group; wait on the ref after starting the
-        engines' `init_weight_transfer_engine(plan.init_info)` (both sides meet in the rendezvous)."""
-        info = plan.init_info
-        return self.actors[0].init_nccl_weight_sync.remote(
-            info["master_address"], info["master_port"], info["world_size"]
+    def init_weight_sync(
+        self, plan: CollectiveSyncPlan, backend: str, timeout_s: float
+    ) -> ray.ObjectRef:
+        """Start rank 0 joining the sync group; wait on the ref after starting the engines'
+        `init_weight_transfer_engine(plan.init_infos[i])` (all meet in the rendezvous)."""
+        addr, port = plan.master
+        return self.actors[0].init_weight_sync.remote(
+            backend, addr, port, plan.world_size, timeout_s
         )
 
     def broadcast_weights(self, bucket_bytes: int) -> list[ray.ObjectRef]:
-        """GPU only: start the bucketed NCCL broadcast on all ranks; wait on the refs after
-        starting the engines' `update_weights(plan.update_info)`."""
+        """Start the bucketed broadcast on all ranks; wait on the refs (with the engines'
+        `update_weights(plan.update_info)`, started first)."""
         return [a.broadcast_weights.remote(bucket_bytes) for a in self.actors]
 
     def save_checkpoint(self, directory: str) -> None:

@@ -130,11 +130,14 @@ class RolloutWorker:
         )
 
     def init_weight_transfer(self, init_info: dict) -> None:
-        """GPU only: join the learner's NCCL group (vLLM 0.32 weight transfer; see weight_sync)."""
+        """Join the learner's weight-sync group (vLLM weight transfer; `CollectiveSyncPlan`)."""
         self.engine.init_weight_transfer_engine(init_info)
 
-    def receive_weights_nccl(self, update_info: dict, version: int) -> float:
-        """GPU only: receive one NCCL broadcast of every parameter; returns seconds spent."""
+    def receive_weights(self, update_info: dict, version: int) -> float:
+        """Receive every parameter from learner rank 0's broadcast; returns seconds spent.
+
+        The learners' `broadcast_weights` must run meanwhile (collective sync).
+        """
         start = time.perf_counter()
         self.engine.start_weight_update()
         self.engine.update_weights(update_info)

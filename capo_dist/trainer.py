@@ -36,13 +36,14 @@ from capo_dist.evaluate import load_bench
 from capo_dist.experience import Experience
 from capo_dist.judge_worker import JudgeWorker
 from capo_dist.learner import LearnerConfig
-from capo_dist.learner_group import LearnerGroup
+from capo_dist.learner_group import LearnerGroup, get_all
 from capo_dist.metrics import MetricsLogger
 from capo_dist.models import TinyModelSpec, build_tiny_model
 from capo_dist.placement import LEARNER, ClusterPlan, reserve_roles
 from capo_dist.rollout_worker import RolloutWorker
 from capo_dist.shared_fs import SharedDir, require_shared
 from capo_dist.types import Problem, TrainBatch
+from capo_dist.weight_sync import ENGINE_BACKENDS, CollectiveSyncPlan
 
 # Ray restarts a dead rollout/judge actor this many times before giving up on it.
 ACTOR_RESTARTS = 3
@@ -204,8 +205,9 @@ class Trainer:
         self.plan = prepare_cluster(cfg)
         self.transport = cfg.trainer.sync.transport
         self._start_roles()
-        if self.transport == "nccl":
-            self._init_nccl()
+        self.sync_plan: CollectiveSyncPlan | None = None
+        if self.transport in ENGINE_BACKENDS:
+            self._init_weight_transfer()
         self.stream = ProblemStream(self.problems, cfg.trainer.seed)
         self.benches = {
             name: load_bench(path, name)[0][: cfg.eval.limit]
@@ -223,8 +225,8 @@ class Trainer:
         self.rollout = []
         for i in range(cfg.rollout.num_workers):
             opts, engine_kwargs = self.plan.actor_options(f"rollout-{i}")
-            if self.transport == "nccl":
-                engine_kwargs["weight_transfer_backend"] = "nccl"
+            if self.transport in ENGINE_BACKENDS:  # collective sync: vLLM's transfer engine
+                engine_kwargs["weight_transfer_backend"] = ENGINE_BACKENDS[self.transport]
             self.rollout.append(
                 RolloutWorker.options(**opts, max_restarts=ACTOR_RESTARTS).remote(
                     cfg.rollout,
@@ -266,6 +268,7 @@ class Trainer:
                 clip_high=t.clip_high,
                 kl_coef=t.kl_coef,
                 tis_cap=t.tis_cap,
+                stale_ratio_cap=t.stale_ratio_cap,
                 seed=t.seed,
                 num_gpus_per_learner=t.num_gpus_per_learner,
             ),
@@ -340,8 +343,9 @@ class Trainer:
     def _resync_restarted(self) -> None:
         """A restarted rollout actor comes back with the base weights: load the current ones.
 
-        A restarted engine is no longer in the NCCL group, so after a restart the
-        run syncs through the object store from then on (slower, but it goes on).
+        A restarted engine is no longer in the collective sync group, so after a
+        restart the run syncs through the object store from then on (slower, but
+        it goes on).
         """
         states = [_state_after_restart(w) for w in self.rollout]
         behind = [
@@ -349,7 +353,7 @@ class Trainer:
         ]
         if not behind:
             return
-        if self.transport == "nccl":
+        if self.transport != "object_store":
             print(
                 "[capo_dist] a rollout engine restarted: weight sync falls back to the object store"
             )
@@ -376,13 +380,52 @@ class Trainer:
                 f"trainer.resume=auto trainer.checkpoint_dir={self.checkpoints.dir} to continue."
             ) from err
 
-    def _sync(self) -> list[ray.ObjectRef]:
-        """Gather the learner's weights in buckets and start loading them into every engine."""
-        self.version += 1
-        self.latest_weights = self._learners(
-            "gather_weight_buckets", self.cfg.trainer.sync.bucket_mb << 20
+    def _init_weight_transfer(self) -> None:
+        """Form the learner↔engines group of the collective sync (nccl | gloo).
+
+        Every engine worker (engine i at its own rank offset) and learner rank 0
+        join at once; waits at most `trainer.sync.timeout_s` (after the
+        engines have started) and names whoever did not join.
+        """
+        s = self.cfg.trainer.sync
+        ray.get([w.state.remote() for w in self.rollout])  # engine start-up is not the rendezvous
+        workers_per_engine = self.cfg.rollout.tensor_parallel_size
+        self.sync_plan = self.learners.collective_sync_plan(
+            s.bucket_mb << 20, [workers_per_engine] * len(self.rollout)
         )
-        return [w.load_weights.remote(self.latest_weights, self.version) for w in self.rollout]
+        joins = {
+            f"rollout-{i}": w.init_weight_transfer.remote(info)
+            for i, (w, info) in enumerate(zip(self.rollout, self.sync_plan.init_infos, strict=True))
+        }
+        joins["learner-0"] = self.learners.init_weight_sync(
+            self.sync_plan, self.transport, s.timeout_s
+        )
+        get_all(
+            joins,
+            timeout_s=s.timeout_s,
+            what=f"forming the weight-sync group (trainer.sync.transport={self.transport})",
+        )
+
+    def _sync(self) -> list[float]:
+        """Bring every engine to the learner's current weights; returns each engine's load seconds.
+
+        object_store: learner rank 0 puts the buckets in the object store, every
+        engine loads them. Collective: every engine enters its receive, the
+        learners gather and rank 0 broadcasts into it, and all are awaited.
+        """
+        self.version += 1
+        bucket_bytes = self.cfg.trainer.sync.bucket_mb << 20
+        if self.transport == "object_store":
+            self.latest_weights = self._learners("gather_weight_buckets", bucket_bytes)
+            loads = [w.load_weights.remote(self.latest_weights, self.version) for w in self.rollout]
+            return ray.get(loads)
+        assert self.sync_plan is not None
+        self.latest_weights = []  # nothing kept: a restarted engine gathers afresh
+        loads = [
+            w.receive_weights.remote(self.sync_plan.update_info, self.version) for w in self.rollout
+        ]
+        sends = self._learners("broadcast_weights", bucket_bytes)
+        return get_all(loads + sends, what="weight sync")[: len(loads)]
 
     def _verify_sync(self, batch: TrainBatch) -> float:
         """Largest |log-prob| difference between any engine and the learner on one response.
@@ -449,7 +492,7 @@ class Trainer:
         self.stream = ProblemStream(self.problems, self.cfg.trainer.seed, **state["stream"])
         ray.get([w.restore.remote(s) for w, s in zip(self.rollout, state["rollout"], strict=True)])
         ray.get([j.restore.remote(s) for j, s in zip(self.judges, state["judge"], strict=True)])
-        ray.get(self._sync())  # engines start from the checkpoint's policy
+        self._sync()  # engines start from the checkpoint's policy
         print(f"[capo_dist] resumed from {ckpt} at step {self.step}")
 
     # ------------------------------------------------------------------ loop
@@ -469,9 +512,9 @@ class Trainer:
             # before a checkpoint, so a checkpoint never has a batch in flight.
             pending = self._collect() if t.max_staleness >= 1 and not (last or save) else None
             t_train = time.perf_counter()
-            train = self._learners("train_step", exp.batch)
+            train = self._learners("train_step", exp.batch, self.version)
             t_sync = time.perf_counter()
-            load_times = ray.get(self._sync())
+            load_times = self._sync()
             t_end = time.perf_counter()
             self.step += 1
             time_rollout = sum(s["rollout_seconds"] for s in rollout_stats) / len(self.rollout)

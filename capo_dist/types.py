@@ -70,8 +70,11 @@ class JudgedRollout:
 class TrainBatch:
     """Padded token-level training data for the learner (one shard per rank).
 
-    Shapes: `[B, L]` for every tensor; `loss_mask` is 1 on response tokens.
-    `advantages` and `sampler_logprobs` are zero where `loss_mask` is 0.
+    Shapes: `[B, L]` for every tensor but `policy_version`; `loss_mask` is 1
+    on response tokens. `advantages` and `sampler_logprobs` are zero where
+    `loss_mask` is 0. `policy_version` ([B], long) is the weight version that
+    sampled each row (`Rollout.policy_version`); None = unknown, treated as
+    current (no off-policy correction).
     """
 
     input_ids: torch.Tensor
@@ -79,6 +82,7 @@ class TrainBatch:
     loss_mask: torch.Tensor
     advantages: torch.Tensor
     sampler_logprobs: torch.Tensor
+    policy_version: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -89,10 +93,12 @@ class TrainBatch:
         return TrainBatch(*(t[idx] for t in self.tensors()))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (
+        """The fields in constructor order (`policy_version` only when known)."""
+        fields = (
             self.input_ids,
             self.attention_mask,
             self.loss_mask,
             self.advantages,
             self.sampler_logprobs,
         )
+        return fields if self.policy_version is None else (*fields, self.policy_version)

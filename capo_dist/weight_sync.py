@@ -19,9 +19,10 @@ cut its receive buffers from the metadata
 bucket_bytes` receives our buckets one broadcast each.
 
 Transports (`WeightTransport`): `ObjectStoreTransport` puts each bucket in the
-Ray object store (CPU path, the default); `NcclTransport` broadcasts each
-bucket's bytes from rank 0 over a NCCL group shared with the engines (GPU
-only). The learner drives either through the same loop
+Ray object store (the default); `CollectiveTransport` broadcasts each
+bucket's bytes from rank 0 over a group shared with every engine worker,
+received by vLLM's weight-transfer API — NCCL on GPU, gloo on CPU, the same
+code otherwise. The learner drives either through the same loop
 (`capo_dist.learner.Learner`).
 """
 
@@ -209,71 +210,175 @@ class ObjectStoreTransport:
         return refs
 
 
-@dataclass(frozen=True)
-class NcclSyncPlan:
-    """What the rollout engines need to receive one NCCL sync, as vLLM 0.32 payloads.
+# What `trainer.sync.transport` names, to the vLLM weight-transfer backend the engines are
+# built with: the same collective path, only the communicator differs.
+ENGINE_BACKENDS = {"nccl": "nccl", "gloo": "capo_gloo"}
 
-    `init_info` is the keyword dict of
+
+@dataclass(frozen=True)
+class CollectiveSyncPlan:
+    """What the rollout engines need to receive collective syncs, as vLLM 0.32 payloads.
+
+    `init_infos[i]` is engine i's keyword dict of
     `vllm.distributed.weight_transfer.nccl_common.NCCLWeightTransferInitInfo`
     (for `init_weight_transfer_engine`, once); `update_info` that of
     `vllm.distributed.weight_transfer.nccl_engine.NCCLWeightTransferUpdateInfo`
-    (for `update_weights`, every sync). Both are plain dicts so they travel
-    through Ray or HTTP unchanged.
+    (for `update_weights`, every sync, the same for every engine). Plain dicts,
+    so they travel through Ray or HTTP unchanged. Both the "nccl" and our
+    "capo_gloo" engine read them.
+
+    Ranks: the learner is rank 0; vLLM gives an engine worker the rank
+    `dp_rank * TP * PP + rank + rank_offset`
+    (`nccl_common.worker_init_process_group`), so engine i's `rank_offset` is
+    1 + the worker count of engines 0..i-1, and the ranks of all engines are
+    1..world_size-1, each once.
     """
 
-    init_info: dict[str, Any]
+    init_infos: list[dict[str, Any]]
     update_info: dict[str, Any]
 
+    @property
+    def world_size(self) -> int:
+        return int(self.init_infos[0]["world_size"]) if self.init_infos else 1
 
-class NcclTransport:
-    """Rank 0 broadcasts each bucket's bytes over a NCCL group shared with the engines.
+    @property
+    def master(self) -> tuple[str, int]:
+        """(address, port) of the rendezvous, hosted by learner rank 0."""
+        info = self.init_infos[0]
+        return info["master_address"], int(info["master_port"])
 
-    GPU ONLY: it needs CUDA and vLLM's `PyNcclCommunicator`; it cannot run on
-    the CPU machines and is not exercised by the test suite beyond its
-    metadata (`plan`).
 
-    Wire protocol = vLLM 0.32's packed NCCL weight transfer
+def engine_rank_offsets(engine_world_sizes: Sequence[int]) -> list[int]:
+    """Engine i's `rank_offset`: 1 (learner rank 0) + the workers of engines 0..i-1."""
+    if any(n < 1 for n in engine_world_sizes):
+        raise ValueError(f"every engine has at least one worker, got {list(engine_world_sizes)}")
+    offsets, next_rank = [], 1
+    for n in engine_world_sizes:
+        offsets.append(next_rank)
+        next_rank += n
+    return offsets
+
+
+class Communicator(Protocol):
+    """The one collective the sync needs: broadcast a tensor from `src` to the group."""
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None: ...
+
+
+class GlooCommunicator:
+    """A gloo process group of its own (not torch's global one), broadcasting CPU tensors.
+
+    Built with vLLM's `stateless_init_torch_distributed_process_group`, so a
+    process can be in it and in its own DeepSpeed or vLLM groups at once.
+    Ranks are the group's own (`ProcessGroup.broadcast`, not
+    `torch.distributed.broadcast`, which would map global ranks). Used by the
+    learner (rank 0) and by `capo_dist.engines.gloo_weight_transfer` (the
+    engines' side), so both ends run the same code.
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    @classmethod
+    def connect(
+        cls, master_address: str, master_port: int, rank: int, world_size: int, timeout_s: float
+    ) -> GlooCommunicator:
+        """Join as `rank`; rank 0 hosts the rendezvous. The join and every broadcast fail
+        after `timeout_s` without their peers."""
+        from datetime import timedelta
+
+        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+        group = stateless_init_torch_distributed_process_group(
+            master_address,
+            master_port,
+            rank,
+            world_size,
+            backend="gloo",
+            timeout=timedelta(seconds=timeout_s),
+        )
+        return cls(group)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        from torch.distributed import BroadcastOptions
+
+        opts = BroadcastOptions()
+        opts.rootRank = src
+        self.group.broadcast([tensor], opts).wait()
+
+    def destroy(self) -> None:
+        from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
+
+        stateless_destroy_torch_distributed_process_group(self.group)
+
+
+class CollectiveTransport:
+    """Rank 0 broadcasts each bucket's bytes over a group shared with every engine worker.
+
+    One code path for GPU and CPU; only the communicator differs:
+    `backend="nccl"` is vLLM's `PyNcclCommunicator` (`nccl_common.trainer_init`,
+    GPU only: written against vLLM 0.32, never run here), `backend="gloo"` a
+    `GlooCommunicator` (CPU; what the test suite runs).
+
+    Wire protocol = vLLM 0.32's packed weight transfer
     (`vllm/distributed/weight_transfer/{nccl_common,nccl_engine,packed_tensor}.py`):
 
-    * rendezvous: a `StatelessProcessGroup` on `master_address:master_port`
-      of `world_size` = 1 + number of engine workers; the learner is NCCL
-      rank 0 and the workers sit at `rank_offset=1`
-      (`nccl_common.trainer_init` on our side, `worker_init_process_group`
-      on theirs);
+    * rendezvous: a group on `master_address:master_port` of `world_size` =
+      1 + every engine worker; the learner is rank 0, engine workers take
+      the ranks `CollectiveSyncPlan` gives them;
     * per sync, metadata (names, dtype names, shapes, in plan order) goes to
       the engines via Ray as `NCCLWeightTransferUpdateInfo`; the engines
       cut their receive buffers from it with the same rule as
       `plan_buckets` (`packed=True`, `packed_buffer_size_bytes=bucket_bytes`),
       and rank 0 broadcasts each `WeightBucket.flat` (uint8) with `src=0`.
 
-    vLLM's receiver views every tensor in place in its receive buffer, so
+    vLLM's NCCL receiver views every tensor in place in its receive buffer, so
     each parameter's byte offset must be a multiple of its dtype size: true
     when all parameters share one dtype (our bf16/fp32 training), not for
-    arbitrary mixes (`WeightBucket.unpack` copies those; vLLM would refuse).
+    arbitrary mixes (`WeightBucket.unpack`, used by the gloo receiver, copies
+    those; vLLM's would refuse).
 
     The engines must be inside `update_weights` while rank 0 broadcasts
-    (both sides meet inside the same NCCL calls), so the driver starts the
-    engines' `update_weights` and the learners' `broadcast_weights`
-    concurrently.
+    (both sides meet inside the same collective calls), so the driver starts
+    the engines' receive and the learners' `broadcast_weights` concurrently.
     """
 
-    def __init__(self, communicator: Any) -> None:
+    def __init__(self, communicator: Any, device: torch.device) -> None:
         self._comm = communicator
+        self._device = device
 
     @classmethod
-    def connect(cls, master_address: str, master_port: int, world_size: int) -> NcclTransport:
-        """Join the learner↔engines NCCL group as rank 0 (blocks until every worker joins)."""
-        from vllm.distributed.weight_transfer.nccl_common import trainer_init
+    def connect(
+        cls,
+        backend: str,
+        master_address: str,
+        master_port: int,
+        world_size: int,
+        timeout_s: float,
+    ) -> CollectiveTransport:
+        """Join the learner↔engines group as rank 0 (blocks until every worker joins).
 
-        comm = trainer_init(
-            {
+        `timeout_s` is the gloo group's timeout (the join and every broadcast);
+        vLLM's NCCL endpoint takes none.
+        """
+        if backend == "gloo":
+            comm = GlooCommunicator.connect(master_address, master_port, 0, world_size, timeout_s)
+            return cls(comm, comm.device)
+        if backend == "nccl":
+            from vllm.distributed.weight_transfer.nccl_common import trainer_init
+
+            info = {
                 "master_address": master_address,
                 "master_port": master_port,
                 "world_size": world_size,
-            },
-            rank=0,
+            }
+            comm = trainer_init(info, rank=0)
+            return cls(comm, comm.device)
+        raise ValueError(
+            f"unknown collective backend {backend!r}; choose one of {list(ENGINE_BACKENDS)}"
         )
-        return cls(comm)
 
     @staticmethod
     def plan(
@@ -281,30 +386,37 @@ class NcclTransport:
         bucket_bytes: int,
         master_address: str,
         master_port: int,
-        world_size: int,
+        engine_world_sizes: Sequence[int],
         num_buffers: int = 2,
-    ) -> NcclSyncPlan:
-        """The engines' init and update payloads for syncing `specs` in `bucket_bytes` buckets."""
-        init_info = {
-            "master_address": master_address,
-            "master_port": master_port,
-            "rank_offset": 1,
-            "world_size": world_size,
-            "packed": True,
-            "packed_buffer_size_bytes": bucket_bytes,
-            "packed_num_buffers": num_buffers,
-        }
+    ) -> CollectiveSyncPlan:
+        """Every engine's init payload and the shared update payload for syncing `specs`.
+
+        `engine_world_sizes[i]` is engine i's worker count (TP x PP x DP).
+        """
+        world_size = 1 + sum(engine_world_sizes)
+        init_infos = [
+            {
+                "master_address": master_address,
+                "master_port": master_port,
+                "rank_offset": offset,
+                "world_size": world_size,
+                "packed": True,
+                "packed_buffer_size_bytes": bucket_bytes,
+                "packed_num_buffers": num_buffers,
+            }
+            for offset in engine_rank_offsets(engine_world_sizes)
+        ]
         update_info = {
             "names": [s.name for s in specs],
             "dtype_names": [str(s.dtype).removeprefix("torch.") for s in specs],
             "shapes": [list(s.shape) for s in specs],
         }
-        return NcclSyncPlan(init_info=init_info, update_info=update_info)
+        return CollectiveSyncPlan(init_infos=init_infos, update_info=update_info)
 
     def send(self, bucket: WeightBucket) -> None:
-        flat = bucket.flat if bucket.flat.is_cuda else bucket.flat.cuda()
-        self._comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
+        self._comm.broadcast(bucket.flat.to(self._device), src=0)
 
     def finish(self) -> None:
-        torch.cuda.current_stream().synchronize()
+        if self._device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
         return None

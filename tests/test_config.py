@@ -84,11 +84,30 @@ def test_contract_keys_exist():
         ("trainer.max_staleness=3", "trainer.max_staleness=3 is not supported"),
         ("rollout.num_cpus_per_worker=0.5", "rollout.num_cpus_per_worker=0.5 must be >= 1"),
         ("judge.backend=openai", "judge.backend=openai needs judge.base_url"),
+        ("trainer.stale_ratio_cap=1.0", "trainer.stale_ratio_cap=1.0 must be > 1"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(load(override))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.sync.transport=nccl"], "trainer.sync.transport=nccl needs GPUs"),
+        (
+            ["trainer.sync.transport=gloo", "rollout.backend=hf"],
+            "trainer.sync.transport=gloo receives through vLLM's weight-transfer API; "
+            "rollout.backend=hf has none",
+        ),
+        (["trainer.sync.transport=shm"], "trainer.sync.transport='shm' is not valid"),
+    ],
+)
+def test_sync_transport_fits_the_roles(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(load(*overrides))
+    validate(load("trainer.sync.transport=gloo"))  # the CPU collective path is valid as is
 
 
 def test_tensor_parallel_larger_than_the_gpus():

@@ -22,6 +22,12 @@ One `vllm.LLM` per engine. Facts this code relies on (vLLM 0.32):
   kernels support (32, 64, 80, 96, 112, 128, ...), and the CPU worker drops
   torch to 1 intra-op thread in this process and disables
   `torch.set_num_threads` for the rest of its life.
+* CPU, tensor parallel: works with `distributed_executor_backend="mp"`
+  (one worker process per TP rank). vLLM's automatic OpenMP thread binding
+  asserts one NUMA node per local worker ("Not enough allowed NUMA nodes to
+  bind threads of 2 local CPUWorkers"), so on a one-node machine give each
+  rank its cores by hand: `VLLM_CPU_OMP_THREADS_BIND="0|1"` (one list per TP
+  rank). tests/integration/test_weight_sync_exact.py syncs a TP=2 CPU engine.
 * CPU, seeded sampling: with chunked prefill, a request whose prompt is
   split over scheduler steps has its seeded generator rewound
   (`gpu_model_runner._bookkeeping_sync`), which CPU generators cannot do
@@ -40,12 +46,13 @@ Weights come in two ways:
   `collective_rpc` to `CapoWorkerExtension` on every worker (see
   `vllm_worker_ext.py`); the update is closed, and the prefix cache reset,
   before the next generation.
-* NCCL (GPU only): vLLM 0.32 ships the transfer itself
-  (`vllm/distributed/weight_transfer/nccl_engine.py`, driven through
+* collective (`trainer.sync.transport` nccl | gloo): vLLM 0.32's
+  weight-transfer API (`vllm/distributed/weight_transfer/`, driven through
   `LLM.init_weight_transfer_engine / start_weight_update / update_weights /
-  finish_weight_update`, `vllm/entrypoints/rl/offline.py`). Build the engine
-  with `weight_transfer_backend="nccl"` and call the four methods of the
-  same names here; see `init_weight_transfer_engine`.
+  finish_weight_update`, `vllm/entrypoints/rl/offline.py`). Build the
+  engine with `weight_transfer_backend="nccl"` (vLLM's own engine, GPU) or
+  `"capo_gloo"` (ours, CPU: `gloo_weight_transfer.py`) and call the methods
+  of the same names here; see `init_weight_transfer_engine`.
 """
 
 from __future__ import annotations
@@ -77,8 +84,8 @@ class VLLMEngineConfig:
     default) instead of in this one.
     `distributed_executor_backend`: None (vLLM picks), "mp" or "ray" (a TP
     engine inside a Ray placement group).
-    `weight_transfer_backend`: "nccl" to enable vLLM's NCCL weight transfer
-    (GPU only); None for `load_weights` only.
+    `weight_transfer_backend`: the vLLM weight-transfer engine for collective
+    syncs — "nccl" (GPU) or "capo_gloo" (CPU); None for `load_weights` only.
     """
 
     dtype: str = "float32"
@@ -222,34 +229,30 @@ class VLLMEngine:
         if not self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache (requests still running)")
 
-    # --- vLLM 0.32 NCCL weight transfer (GPU only) -------------------------------------------
+    # --- vLLM 0.32 weight transfer (collective sync: "nccl" on GPU, "capo_gloo" on CPU) ------
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        """Join the learner's NCCL group; blocks until learner rank 0 joins as well.
+        """Join the learner's weight-sync group; blocks until every member has joined.
 
-        GPU ONLY — exercised only on GPU machines, never by the CPU test suite.
-        Needs `weight_transfer_backend="nccl"`. `init_info` is the keyword dict
+        Needs `weight_transfer_backend` set. `init_info` is the keyword dict
         of `vllm.distributed.weight_transfer.nccl_common.NCCLWeightTransferInitInfo`
-        (master_address, master_port, rank_offset=1, world_size = 1 + number of
-        engine workers, packed wire params). Each worker joins a
-        `StatelessProcessGroup` + `PyNcclCommunicator` at rank
-        `rank_offset + dp_rank * TP * PP + rank`; the learner opens rank 0 with
-        `nccl_common.trainer_init` at the same time.
+        (master_address, master_port, rank_offset, world_size = 1 + every
+        engine worker, packed wire params; `CollectiveSyncPlan.init_infos`).
+        Each worker joins at rank `rank_offset + dp_rank * TP * PP + rank`;
+        the learner opens rank 0 at the same time.
 
         Per sync: `start_weight_update()`; then `update_weights(update_info)`
         while learner rank 0 broadcasts the same tensors from src 0 (the two
-        meet inside the same NCCL calls, so run them concurrently); then
-        `finish_weight_update()`. The method names and dict payloads are those
-        of vLLM's `VLLMWeightSyncClient` protocol
-        (`vllm/distributed/weight_transfer/base.py`), so this engine (or an
-        actor forwarding to it) can also be driven by vLLM's own
-        `NCCLTrainerWeightTransferEngine`.
+        meet inside the same collective calls, so run them concurrently);
+        then `finish_weight_update()`. The method names and dict payloads are
+        those of vLLM's `VLLMWeightSyncClient` protocol
+        (`vllm/distributed/weight_transfer/base.py`).
         """
         self._close_update()
         self._llm.init_weight_transfer_engine({"init_info": init_info})
 
     def start_weight_update(self) -> None:
-        """Open a NCCL update: layers go back to checkpoint format until `finish_weight_update`."""
+        """Open a collective update: layers go back to checkpoint format until `finish_weight_update`."""
         self._close_update()
         self._llm.start_weight_update()
 
@@ -262,7 +265,7 @@ class VLLMEngine:
         self._llm.update_weights({"update_info": update_info})
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        """Close the NCCL update (re-process layers) and drop KV computed with old weights."""
+        """Close the collective update (re-process layers) and drop KV computed with old weights."""
         self._llm.finish_weight_update(weight_version)
         self._reset_prefix_cache()
 

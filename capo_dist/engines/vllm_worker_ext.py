@@ -34,6 +34,11 @@ model's `packed_modules_mapping`) only reaches the model once all its HF
 parts have arrived in the session; a session that ends with some parts
 missing leaves that parameter untouched and raises, instead of letting vLLM
 process a half-filled layer (its unloaded rows would be uninitialised memory).
+
+Importing this module also registers our CPU weight-transfer engine
+("capo_gloo", `gloo_weight_transfer.py`) with vLLM: vLLM imports the
+extension in every worker process before `load_model` creates the worker's
+weight-transfer engine, so the backend resolves there too.
 """
 
 from __future__ import annotations
@@ -45,7 +50,11 @@ import torch
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+from capo_dist.engines.gloo_weight_transfer import register as _register_gloo_transfer
+
 WORKER_EXTENSION = "capo_dist.engines.vllm_worker_ext.CapoWorkerExtension"
+
+_register_gloo_transfer()
 
 
 class CapoWorkerExtension:

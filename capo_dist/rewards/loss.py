@@ -12,9 +12,31 @@ micro-batches), so that every token weighs the same and gradient accumulation
 + all-reduce(mean over ranks, then × world size or sum) gives the true token
 mean. tis_t = min(exp(old_t − sampler_t), tis_cap), detached: the truncated
 importance weight correcting for the sampler (vLLM) differing from the learner.
+
+Stale rows (off-policy correction). A row sampled by an OLDER policy than the
+one that gives `old_logprobs` (with `trainer.max_staleness=1` the next batch is
+generated while the learner trains, so it trains one policy version behind)
+was drawn from the behaviour policy μ = the engine's sampling log-probs
+(`sampler_t`, raw log-probs under the weights the engine held), not from
+`old`. For those rows the ratio is taken against μ, with μ's importance
+weight capped (truncated IS, as in decoupled PPO, `old` being the proximal
+policy):
+
+    behaviour_t = max(sampler_t, old_t − log stale_ratio_cap)
+    ratio_t     = exp(logp_t − behaviour_t)
+                = exp(logp_t − old_t) · min(exp(old_t − sampler_t), stale_ratio_cap)
+
+so a token the stale sampler drew much less often than `old` would
+(old/μ > cap) weighs at most `stale_ratio_cap` times, and PPO's clip range
+then applies around the behaviour policy. TIS is not applied to stale rows
+(tis_t = 1 there): the sampler gap it corrects is already in the ratio. Fresh
+rows are unchanged (ratio exp(logp − old), exactly 1 before the first
+optimizer step).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -54,25 +76,41 @@ def ppo_clip_loss(
     sampler_logprobs: torch.Tensor | None = None,
     tis_cap: float | None = None,
     num_tokens: float | None = None,
+    stale: torch.Tensor | None = None,
+    stale_ratio_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level PPO-clip loss (scalar tensor) and metrics; all inputs [B, T].
 
     `num_tokens`: the token-mean normaliser (see module doc; global count in
-    distributed training). Metrics are masked means over THIS call's tokens:
+    distributed training). `stale` ([B] bool): rows sampled by an older policy
+    than `old_logprobs`'s, whose ratio is taken against `sampler_logprobs`
+    (required then) with the importance weight capped at `stale_ratio_cap`
+    (> 1; see module doc). Metrics are masked means over THIS call's tokens:
     `clip_frac` (tokens whose clipped term is active), `approx_kl`
     (k3 estimate of KL(old‖new)), `ratio_mean`, `kl` (k3 to the reference, 0
     without one), `tis_mean` (1 without TIS), `pg_loss` (the policy term's
-    contribution to the loss).
+    contribution to the loss), `stale_frac` (tokens of stale rows).
     """
     m = mask.to(logprobs.dtype)
     denom = float(num_tokens) if num_tokens is not None else m.sum().clamp(min=1.0)
-    log_ratio = logprobs - old_logprobs
+    stale_tok = torch.zeros_like(m, dtype=torch.bool)
+    behaviour = old_logprobs
+    if stale is not None and bool(stale.any()):
+        if sampler_logprobs is None:
+            raise ValueError("stale rows need sampler_logprobs (the behaviour policy)")
+        if stale_ratio_cap <= 1.0:
+            raise ValueError(f"stale_ratio_cap must be > 1, got {stale_ratio_cap}")
+        stale_tok = stale.to(torch.bool)[:, None].expand_as(m)
+        capped = torch.maximum(sampler_logprobs, old_logprobs - math.log(stale_ratio_cap))
+        behaviour = torch.where(stale_tok, capped.detach(), old_logprobs)
+    log_ratio = logprobs - behaviour
     ratio = torch.exp(log_ratio)
     pg1 = ratio * advantages
     pg2 = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
     per_token = -torch.minimum(pg1, pg2)
     if sampler_logprobs is not None and tis_cap is not None:
         tis = torch.exp(old_logprobs - sampler_logprobs).clamp(max=tis_cap).detach()
+        tis = torch.where(stale_tok, torch.ones_like(tis), tis)
         per_token = per_token * tis
     else:
         tis = torch.ones_like(per_token)
@@ -96,7 +134,8 @@ def ppo_clip_loss(
                 (kl_tok * m).sum() / n,
                 (tis * m).sum() / n,
                 pg_loss.detach(),
+                (stale_tok.to(m.dtype) * m).sum() / n,
             ]
         ).tolist()
-    names = ("clip_frac", "approx_kl", "ratio_mean", "kl", "tis_mean", "pg_loss")
+    names = ("clip_frac", "approx_kl", "ratio_mean", "kl", "tis_mean", "pg_loss", "stale_frac")
     return loss, dict(zip(names, stats, strict=True))

@@ -53,17 +53,24 @@ def check_step(record: dict) -> None:
 
 
 def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir):
+    """Two vLLM engines synced through the collective path (gloo), one step of overlap."""
     records = train(
         tmp_path,
         model_build_dir,
         "trainer.total_steps=2",
         "trainer.max_staleness=1",
         "rollout.backend=vllm",
+        "rollout.num_workers=2",
+        "rollout.kv_cache_space_gib=0.1",
+        "trainer.sync.transport=gloo",
     )
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
         check_step(r)
         assert r["judge_invalid_rate"] == 0.0  # the symbolic judge always answers in format
+    # Step 2 trains on a batch sampled during step 1, one version behind: it is corrected
+    # (tests/learner pins the corrected ratio; this random policy earns no reward to move it).
+    assert records[0]["train_stale_frac"] == 0.0 and records[1]["train_stale_frac"] == 1.0
     # The exported final policy loads in vLLM and in transformers, with the same log-probs.
     policy = str(tmp_path / "policy")
     hf = AutoModelForCausalLM.from_pretrained(policy)

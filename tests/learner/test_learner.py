@@ -261,6 +261,30 @@ def test_train_step_matches_single_process_reference(learners: Group, tiny_model
     assert any(not torch.equal(after[n], initial[n].detach()) for n in after)
 
 
+def test_stale_rows_take_the_ratio_against_the_sampler(
+    learners: Group, tiny_model_path: str
+) -> None:
+    """One optimizer step: a fresh batch has ratio exactly 1 (old = current); the same batch
+    sampled one version behind the learner has ratio min(π/μ, cap) against the engine's μ."""
+    model = hf_model(tiny_model_path)
+    batch = make_batch(model, rows=6, seed=7)
+    batch.policy_version = torch.zeros(len(batch), dtype=torch.long)
+    learners.reset()
+    fresh = learners.group.train_step(batch, 0)
+    assert fresh["ratio_mean"] == 1.0 and fresh["stale_frac"] == 0.0
+    learners.reset()
+    stale = learners.group.train_step(batch, 1)
+    with torch.no_grad():
+        lp = hf_logprobs(model, batch.input_ids, batch.attention_mask)
+    cap = learners.group.config.stale_ratio_cap
+    ratio = torch.exp(lp - batch.sampler_logprobs).clamp(max=cap)
+    mask = batch.loss_mask
+    assert stale["stale_frac"] == 1.0
+    assert stale["ratio_mean"] == pytest.approx(float((ratio * mask).sum() / mask.sum()), rel=1e-4)
+    assert abs(stale["ratio_mean"] - 1.0) > 1e-3
+    assert stale["loss"] != pytest.approx(fresh["loss"], rel=1e-3)
+
+
 def test_ppo_epochs_mini_batches_kl_and_tis_match_reference(
     ppo_learners: Group, tiny_model_path: str
 ) -> None:

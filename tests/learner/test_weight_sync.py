@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capo_dist.weight_sync import (
-    NcclTransport,
+    CollectiveTransport,
     ParamSpec,
     WeightBucket,
+    engine_rank_offsets,
     pack_buckets,
     plan_buckets,
 )
@@ -119,7 +120,7 @@ def llama_like_tensors() -> list[tuple[str, torch.Tensor]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nccl_plan_matches_vllm_packed_receiver(
+def test_collective_plan_matches_vllm_packed_receiver(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
 ) -> None:
     """vLLM 0.32's own packed NCCL consumer, fed our buckets, loads exactly our tensors.
@@ -140,8 +141,8 @@ def test_nccl_plan_matches_vllm_packed_receiver(
     specs = specs_of(named)
     bucket_bytes = 4000
     buckets = list(pack_buckets(iter(named), bucket_bytes))
-    plan = NcclTransport.plan(specs, bucket_bytes, "127.0.0.1", 29600, world_size=3)
-    init = NCCLWeightTransferInitInfo(**plan.init_info)
+    plan = CollectiveTransport.plan(specs, bucket_bytes, "127.0.0.1", 29600, [1, 1])
+    init = NCCLWeightTransferInitInfo(**plan.init_infos[0])
     update = NCCLWeightTransferUpdateInfo(**plan.update_info)
     assert init.packed and init.packed_buffer_size_bytes == bucket_bytes and init.rank_offset == 1
 
@@ -190,3 +191,37 @@ def test_nccl_plan_matches_vllm_packed_receiver(
         chunks.append(chunk.packed_tensor)
     assert len(chunks) == len(buckets)
     assert all(torch.equal(c, b.flat) for c, b in zip(chunks, buckets, strict=True))
+
+
+class _Parallel:
+    """The three `ParallelConfig` fields vLLM's rank formula reads."""
+
+    def __init__(self, world_size: int, rank: int, data_parallel_index: int = 0) -> None:
+        self.world_size, self.rank, self.data_parallel_index = world_size, rank, data_parallel_index
+
+
+@pytest.mark.parametrize("engine_world_sizes", [[1], [1, 1], [2, 2], [1, 2, 1], [4, 1, 3]], ids=str)
+def test_collective_plan_gives_every_engine_worker_its_own_rank(
+    engine_world_sizes: list[int],
+) -> None:
+    """Engine i's workers (vLLM: rank_offset + dp*TP*PP + rank) fill 1..world_size-1 once each."""
+    from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
+
+    from capo_dist.engines.gloo_weight_transfer import worker_rank
+
+    specs = [ParamSpec("w", (2,), torch.float32)]
+    plan = CollectiveTransport.plan(specs, 64, "127.0.0.1", 29600, engine_world_sizes)
+    assert plan.world_size == 1 + sum(engine_world_sizes)
+    ranks = []
+    for info, n in zip(plan.init_infos, engine_world_sizes, strict=True):
+        init = NCCLWeightTransferInitInfo(**info)  # vLLM accepts the payload as is
+        assert init.world_size == plan.world_size
+        ranks += [worker_rank(init, _Parallel(world_size=n, rank=r)) for r in range(n)]
+    assert ranks == list(range(1, plan.world_size))  # distinct, contiguous, after learner rank 0
+
+
+def test_rank_offsets_count_the_workers_of_earlier_engines() -> None:
+    assert engine_rank_offsets([1, 1]) == [1, 2]
+    assert engine_rank_offsets([2, 2]) == [1, 3]
+    with pytest.raises(ValueError, match="at least one worker"):
+        engine_rank_offsets([1, 0])

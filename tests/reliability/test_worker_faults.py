@@ -51,17 +51,29 @@ def run(trainer: Trainer) -> None:
         trainer.close()
 
 
-def test_rollout_and_judge_killed_mid_step(tmp_path, model_build_dir):
+@pytest.mark.parametrize(
+    "sync",
+    [
+        [],
+        # The collective path: the restarted engine is out of the gloo group, so the
+        # run falls back to the object store and goes on.
+        ["trainer.sync.transport=gloo", "rollout.backend=vllm", "rollout.kv_cache_space_gib=0.1"],
+    ],
+    ids=["object_store", "gloo"],
+)
+def test_rollout_and_judge_killed_mid_step(tmp_path, model_build_dir, sync):
     cfg = compose_run(
         tmp_path,
         model_build_dir,
         "trainer.total_steps=2",
         "rollout.prompts_per_step=6",
         "logging.samples_per_step=1000",
+        *sync,
     )
     trainer = FaultyTrainer(cfg)
     trainer.kill_workers_at_collect = 2
     run(trainer)
+    assert trainer.transport == "object_store"
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2]
     assert records[1]["chunks_recovered"] >= 1

@@ -142,3 +142,65 @@ def test_token_logprobs_bf16_and_grad():
     assert out.dtype == torch.float32
     out.sum().backward()
     assert logits.grad is not None and logits.grad.shape == logits.shape
+
+
+def test_stale_rows_take_the_ratio_against_the_capped_sampler():
+    """Row 0 was sampled one policy version ago: its ratio is against the engine's log-probs μ,
+    with old/μ capped at 1.5; row 1 is fresh: ratio exp(lp − old) = 1, whatever μ says."""
+    old = torch.full((2, 3), math.log(0.5))
+    lp = old.clone().requires_grad_()  # the first optimizer step: current = old
+    sampler = torch.log(torch.tensor([[0.25, 0.4, 1.0], [0.1, 0.9, 0.3]]))
+    adv = torch.ones(2, 3)
+    loss, m = ppo_clip_loss(
+        lp,
+        old,
+        adv,
+        torch.ones(2, 3),
+        sampler_logprobs=sampler,
+        tis_cap=None,
+        stale=torch.tensor([True, False]),
+        stale_ratio_cap=1.5,
+    )
+    # Row 0, by hand: old/μ = 2 → capped 1.5, clipped to 1.2 (A > 0); 1.25 → clipped 1.2;
+    # 0.5 → unclipped 0.5. Row 1: ratio 1 on every token.
+    assert loss.item() == pytest.approx(-(1.2 + 1.2 + 0.5 + 3 * 1.0) / 6, rel=1e-6)
+    assert m["ratio_mean"] == pytest.approx((1.5 + 1.25 + 0.5 + 3.0) / 6, rel=1e-6)
+    assert m["clip_frac"] == pytest.approx(2 / 6) and m["stale_frac"] == pytest.approx(0.5)
+    loss.backward()
+    # Clipped tokens carry no gradient; the unclipped stale one is weighted by its ratio 0.5.
+    assert lp.grad[0, 0] == 0 and lp.grad[0, 1] == 0
+    assert lp.grad[0, 2].item() == pytest.approx(-0.5 / 6, rel=1e-6)
+    torch.testing.assert_close(lp.grad[1], torch.full((3,), -1.0 / 6))
+
+
+def test_stale_rows_skip_tis_and_fresh_rows_keep_it():
+    old = torch.zeros(2, 1)
+    sampler = torch.tensor([[-0.5], [-0.5]])  # old/μ = e^0.5 on both rows
+    _, m = ppo_clip_loss(
+        old.clone(),
+        old,
+        torch.ones(2, 1),
+        torch.ones(2, 1),
+        sampler_logprobs=sampler,
+        tis_cap=10.0,
+        stale=torch.tensor([True, False]),
+        stale_ratio_cap=10.0,
+    )
+    assert m["tis_mean"] == pytest.approx((1.0 + math.exp(0.5)) / 2, rel=1e-6)
+    assert m["ratio_mean"] == pytest.approx((math.exp(0.5) + 1.0) / 2, rel=1e-6)
+
+
+def test_stale_rows_need_the_behaviour_policy_and_a_cap_above_one():
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="stale rows need sampler_logprobs"):
+        ppo_clip_loss(x, x, x, torch.ones(1, 2), stale=torch.tensor([True]))
+    with pytest.raises(ValueError, match="stale_ratio_cap must be > 1"):
+        ppo_clip_loss(
+            x,
+            x,
+            x,
+            torch.ones(1, 2),
+            sampler_logprobs=x,
+            stale=torch.tensor([True]),
+            stale_ratio_cap=1.0,
+        )
