@@ -271,7 +271,9 @@ class RehearsalConfig:
     # Training problems prepared into `data.path` when that file does not exist:
     # a GSM8K-format JSONL (null: ../shared/data/gsm8k/train.jsonl beside the repo).
     data_source: str | None = None
-    data_limit: int = 256
+    # Problems prepared (and the shrunk policy tuned on: tune_steps full-batch steps).
+    data_limit: int = 16
+    tune_steps: int = 80
 
 
 @dataclass

@@ -350,3 +350,63 @@ def fill_hf_cache(
     tmp_ref.write_text(revision_sha)
     os.replace(tmp_ref, ref)
     return snapshot
+
+
+def tuned_checkpoint(
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    examples: list[tuple[list[int], list[int]]],
+    steps: int = 40,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> Path:
+    """`src_dir` fine-tuned briefly on `examples` (prompt ids, target ids), loss on targets only.
+
+    The rehearsal's policy: a randomly initialised shrunk model never answers a
+    problem, so every reward would be 0 and no update would move it. Tuned for
+    a few full-batch steps on the rehearsal's own problems (target: a short
+    two-step answer ending in the gold `\\boxed{}`), it is right on some samples
+    and wrong on others at temperature 1, as a real policy is, so groups have
+    non-zero advantages and the learner a non-zero gradient. Written to
+    `out_dir/<src name>-tuned-<key>` once (key: source, examples and
+    settings); `tuned.json` records the loss before and after.
+    """
+    src = Path(src_dir)
+    key = _key(src.name, examples, steps, lr, seed)
+    out = Path(out_dir) / f"{src.name}-tuned-{key}"
+
+    def build(tmp: Path) -> None:
+        import torch
+        import torch.nn.functional as F
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+        length = max(len(p) + len(t) for p, t in examples)
+        ids = torch.zeros(len(examples), length, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for b, (p, t) in enumerate(examples):
+            n = len(p) + len(t)
+            ids[b, :n] = torch.tensor(p + t)
+            att[b, :n] = 1
+            labels[b, len(p) : n] = torch.tensor(t)
+        target = labels[:, 1:] != -100  # position i predicts token i + 1
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        losses = []
+        for _ in range(steps):
+            hidden = model.model(input_ids=ids, attention_mask=att).last_hidden_state
+            # The LM head only where a target token is predicted: 49k-wide logits are the cost.
+            logits = model.lm_head(hidden[:, :-1][target])
+            loss = F.cross_entropy(logits, labels[:, 1:][target])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        model.save_pretrained(str(tmp))
+        _copy_tokenizer_files(src, tmp)
+        (tmp / "tuned.json").write_text(
+            json.dumps({"steps": steps, "lr": lr, "examples": len(examples), "loss": losses})
+        )
+
+    return _build_once(out, build)

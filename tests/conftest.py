@@ -49,3 +49,12 @@ def shrunk_smollm2_nopad_path(shrunk_smollm2_path: Path) -> Path:
     from capo_dist.hub_models import default_cache_dir, without_pad_token
 
     return without_pad_token(shrunk_smollm2_path, default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def rehearsal_build_dir(smollm2_path: Path) -> Path:
+    """`model.build_dir` of rehearsal runs: the cache the SmolLM2 fixtures build into, so
+    the GGUF is converted once per machine and the rehearsal reuses it."""
+    from capo_dist.hub_models import default_cache_dir
+
+    return default_cache_dir()

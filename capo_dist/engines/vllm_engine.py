@@ -131,6 +131,21 @@ class VLLMEngine:
         if on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_space_gib * 2**30)
             kwargs["enable_chunked_prefill"] = False
+            if cfg.tensor_parallel_size > 1:
+                # The device swap of a TP engine: vLLM's Ray executor puts one worker in
+                # each bundle holding the platform's device key, which the CPU platform
+                # has none of (`ray_device_key == ""`), so on CPU the TP workers are
+                # vLLM's own processes (mp executor) beside this actor, its placement
+                # group still holding their logical GPUs. The automatic OpenMP binding
+                # wants one NUMA node per TP rank (module doc): unless set, each rank
+                # gets one core, round robin (unbound, every rank would start a thread
+                # per core and they would spin against each other).
+                kwargs["distributed_executor_backend"] = "mp"
+                cores = sorted(os.sched_getaffinity(0))
+                os.environ.setdefault(
+                    "VLLM_CPU_OMP_THREADS_BIND",
+                    "|".join(str(cores[r % len(cores)]) for r in range(cfg.tensor_parallel_size)),
+                )
         if cfg.weight_transfer_backend is not None:
             from vllm.config import WeightTransferConfig
 
