@@ -63,6 +63,7 @@ from capo_dist.hf_checkpoint import (
     resolve_checkpoint_dir,
 )
 from capo_dist.rewards.loss import ppo_clip_loss, token_logprobs
+from capo_dist.tokenization import pad_token_id
 from capo_dist.types import TrainBatch
 from capo_dist.weight_sync import (
     CollectiveTransport,
@@ -242,7 +243,7 @@ class Learner:
             self.hf_config = hf_config
             # Llama-3 tokenizers have no pad token: any id does for padding the
             # learner masks out itself.
-            self.pad_token_id = hf_config.pad_token_id or 0
+            self.pad_token_id = pad_token_id(hf_config.pad_token_id, hf_config.eos_token_id)
         return model
 
     # ---------------------------------------------------------------- helpers
