@@ -1,9 +1,10 @@
-"""The CPU rehearsal of the richest cluster experiment, run exactly as the README says.
+"""The CPU rehearsal of the richest cluster experiment, run as the README says.
 
-`python -m capo_dist.launch +experiment=llama3b_intersection +rehearsal=cpu` runs the
+`make rehearse` (here for one experiment) runs
+`python -m capo_dist.launch +experiment=llama3b_intersection +rehearsal=cpu`: the
 experiment's cluster code paths on this machine: a 2-node Ray cluster with logical GPUs
 joined through RAY_ADDRESS, hub ids resolved offline from a filled Hugging Face cache
-(the real SmolLM2-135M-Instruct judge with tensor parallelism 2 and its chat template;
+(the real SmolLM2-135M-Instruct judge with tensor parallelism 3 and its chat template;
 a shrunk SmolLM2 policy whose tokenizer has no pad token, as Llama-3's), 2 rollout
 engines, 2 ZeRO-3 learner ranks, weight sync through vLLM's weight-transfer API over a
 gloo communicator, staleness 1, checkpoints and wandb offline. The only overrides below
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -46,16 +46,10 @@ def rehearsal_run(tmp_path_factory, shared_data, rehearsal_build_dir) -> Path:
     out = tmp_path_factory.mktemp("rehearsal")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HF_HUB_OFFLINE")}
     env.update(WANDB_DIR=str(out), CAPO_TRAIN_DATA=str(out / "absent.jsonl"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "capo_dist.launch",
-        "+experiment=llama3b_intersection",
-        "+rehearsal=cpu",
-        f"model.build_dir={rehearsal_build_dir}",
-        f"rehearsal.hf_home={out / 'hf'}",
-        f"hydra.run.dir={out / 'run'}",
-    ]
+    # `make rehearse` for one experiment: exactly
+    # `python -m capo_dist.launch +experiment=llama3b_intersection +rehearsal=cpu $(ARGS)`
+    args = f"model.build_dir={rehearsal_build_dir} rehearsal.hf_home={out / 'hf'} hydra.run.dir={out / 'run'}"
+    cmd = ["make", "rehearse", "EXPERIMENTS=llama3b_intersection", f"ARGS={args}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     (out / "log.txt").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -100,6 +94,7 @@ def test_the_judge_saw_chat_formatted_prompts(rehearsal_run):
 def test_the_cluster_paths_ran(rehearsal_run):
     log = (rehearsal_run / "log.txt").read_text()
     assert "RAY_ADDRESS=" in log and "simulated nodes" in log
+    assert "[rehearse] llama3b_intersection:" in log  # make rehearse reports the time
     assert "placement plan" in log.lower()
     ckpts = list((rehearsal_run / "run" / "checkpoints").glob("step_*"))
     assert ckpts, "checkpoint_every=1 wrote no checkpoint"
