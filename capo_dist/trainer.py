@@ -427,8 +427,9 @@ class Trainer:
         sends = self._learners("broadcast_weights", bucket_bytes)
         return get_all(loads + sends, what="weight sync")[: len(loads)]
 
-    def _verify_sync(self, batch: TrainBatch) -> float:
-        """Largest |log-prob| difference between any engine and the learner on one response.
+    def _verify_sync(self, batch: TrainBatch) -> tuple[float, float]:
+        """Largest |log-prob| difference between any engine and the learner on one response,
+        and how far the learner's log-probs moved from the sampler's on it.
 
         Scores the first response of `batch` (its real prompt and sampled tokens)
         with every rollout engine's current weights and with the learner's, so an
@@ -445,13 +446,16 @@ class Trainer:
         learner = self._learners("compute_logprobs", ids[:, :end], att[:, :end])[0, start:end]
         engines = ray.get([w.sequence_logprobs.remote(prompt, continuation) for w in self.rollout])
         diff = max(float((torch.tensor(e) - learner).abs().max()) for e in engines)
+        # How far the policy moved since this response was sampled: the check above only
+        # shows the engines took the update when this is well above it.
+        moved = float((learner - batch.sampler_logprobs[0, start:end]).abs().max())
         if diff > self.cfg.trainer.sync.verify_tol:
             raise RuntimeError(
                 f"weight sync check failed after step {self.step}: an engine's log-probs differ "
                 f"from the learner's by {diff:.3g} (> trainer.sync.verify_tol="
                 f"{self.cfg.trainer.sync.verify_tol}); the engines are not sampling the trained policy"
             )
-        return diff
+        return diff, moved
 
     def _evaluate(self) -> dict[str, float]:
         """Evaluate the just-synced policy on rollout-0; tables in <run_dir>/eval/step_N/."""
@@ -539,7 +543,8 @@ class Trainer:
                 "time_step": t_end - t0,
             }
             if t.sync.verify:
-                record["sync_max_logprob_diff"] = self._verify_sync(exp.batch)
+                diff, moved = self._verify_sync(exp.batch)
+                record.update(sync_max_logprob_diff=diff, sync_policy_moved=moved)
             if self.benches and (last or (cfg.eval.every and self.step % cfg.eval.every == 0)):
                 record.update(self._evaluate())
             self.logger.log(record)

@@ -38,6 +38,7 @@ STEP_KEYS = {
     "time_sync",
     "policy_version",
     "sync_max_logprob_diff",
+    "sync_policy_moved",
 }
 
 
@@ -75,6 +76,8 @@ def test_both_engines_answer_with_the_learners_weights_after_each_sync(rehearsal
     rows = read_metrics(rehearsal_run / "run")
     # max over both engines of |engine log-prob - learner log-prob| on a sampled response
     assert all(r["sync_max_logprob_diff"] < 1e-3 for r in rows), rows
+    # ... and the update was large enough for an engine that missed it to show
+    assert all(r["sync_policy_moved"] > 10 * r["sync_max_logprob_diff"] for r in rows), rows
     assert all(r["policy_version"] == r["step"] for r in rows)
 
 
