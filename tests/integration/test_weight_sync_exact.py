@@ -56,6 +56,18 @@ def wait_all(refs: list, timeout_s: float) -> list:
     return ray.get(refs)
 
 
+def vllm_run_and_model(tmp_path, model_build_dir):
+    """The run config of the collective tests (small vLLM engines) and its tiny policy."""
+    cfg = compose_run(
+        tmp_path,
+        model_build_dir,
+        "rollout.backend=vllm",
+        "rollout.kv_cache_space_gib=0.1",
+        "rollout.max_model_len=256",
+    )
+    return cfg, prepare_policy(cfg, load_problems(cfg)[2])
+
+
 def join_train_sync_check(learners: LearnerGroup, engines: list, plan) -> None:
     """Form the group, take one PPO step, sync collectively; every engine then matches."""
     refs = [e.init_weight_transfer.remote(i) for e, i in zip(engines, plan.init_infos, strict=True)]
@@ -131,14 +143,7 @@ def test_gloo_collective_sync_reaches_two_engines(tmp_path, model_build_dir):
     cannot form and every side fails within its timeout instead of hanging.
     Then the real plan: the same engines join, and one PPO update reaches both.
     """
-    cfg = compose_run(
-        tmp_path,
-        model_build_dir,
-        "rollout.backend=vllm",
-        "rollout.kv_cache_space_gib=0.1",
-        "rollout.max_model_len=256",
-    )
-    model = prepare_policy(cfg, load_problems(cfg)[2])
+    cfg, model = vllm_run_and_model(tmp_path, model_build_dir)
     ray.init(num_cpus=6, include_dashboard=False)
     try:
         learners = LearnerGroup(
@@ -192,14 +197,7 @@ def test_gloo_collective_sync_reaches_a_tensor_parallel_engine(tmp_path, model_b
     binding wants one NUMA node per worker, so the cores are given by hand
     (`VLLM_CPU_OMP_THREADS_BIND`, one list per TP rank).
     """
-    cfg = compose_run(
-        tmp_path,
-        model_build_dir,
-        "rollout.backend=vllm",
-        "rollout.kv_cache_space_gib=0.1",
-        "rollout.max_model_len=256",
-    )
-    model = prepare_policy(cfg, load_problems(cfg)[2])
+    cfg, model = vllm_run_and_model(tmp_path, model_build_dir)
     ray.init(num_cpus=6, include_dashboard=False)
     try:
         learners = LearnerGroup(
