@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 
 from capo_dist.data import synthetic_arith
 from capo_dist.rewards.critique import parse_wrong_steps
-from capo_dist.step_checker import critique_steps, evaluate, solution_is_clean, step_is_correct
+from capo_dist.step_checker import (
+    TooBigToCheck,
+    critique_steps,
+    evaluate,
+    solution_is_clean,
+    step_is_correct,
+)
 
 
 @pytest.mark.parametrize(
@@ -48,6 +54,9 @@ def test_evaluate_is_exact_and_refuses_non_arithmetic():
     for hostile in ["__import__('os')", "9**9**9", "4^(1/2)", "a+1", "((1)", "1 2", "9" * 101]:
         with pytest.raises(ValueError):
             evaluate(hostile)
+    for too_big in ["1+" * 300 + "1", "2^4096", "10^10^10", "(" * 40 + "1" + ")" * 40, "9" * 101]:
+        with pytest.raises(TooBigToCheck):
+            evaluate(too_big)
     for impossible in ["1/0", "1/(2-2)", "0^-1"]:
         with pytest.raises(ZeroDivisionError):
             evaluate(impossible)

@@ -39,6 +39,9 @@ CRITIQUE = st.builds(
     st.text(max_size=40),
 )
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Per-call time limit for one input of a few KB: >= 10x the slowest call measured on a
+# loaded 2-core machine (0.07 s: a 4 KB hostile step), so only a blow-up trips it.
+PER_CALL_S = 2.0
 
 # --- equation-shaped text -------------------------------------------------------------
 NUMBER = st.one_of(
@@ -117,7 +120,7 @@ def test_critique_parser_never_raises(text, num_steps):
     start = time.perf_counter()
     parsed = parse_critique(text, max(num_steps, 0))
     assert parsed.wrong is None or all(0 <= i < max(num_steps, 0) for i in parsed.wrong)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < PER_CALL_S
 
 
 @FUZZ
@@ -147,7 +150,7 @@ def test_critique_parser_reads_the_last_well_formed_list(pre, items, num_steps):
 def test_critique_parser_is_bounded_on_megabyte_critiques(text):
     start = time.perf_counter()
     parse_critique(text, 5)
-    assert time.perf_counter() - start < 3.0  # measured ~0.02 s each
+    assert time.perf_counter() - start < 3.0  # measured < 0.02 s each
 
 
 @pytest.mark.parametrize("text", [b"Wrong step list: [1]", ["Wrong step list: [1]"], 7])
@@ -196,7 +199,8 @@ def test_invalid_utf8_ranges_are_linear():
 @given(text=HOSTILE_STEPS)
 @example(text="1/3 = 0/0")  # division by zero on the right side raised ZeroDivisionError
 @example(text="1 + 1 = " + "9" * 5000)  # a huge right side raised (sympy TypeError)
-@example(text="1+1 = " + "9" * 3000 + "a")  # quadratic regex backtracking: > 1 s
+@example(text="1+1 = " + "9" * 8000 + "a")  # quadratic regex backtracking: 1 s CPU
+@example(text="1+1 = " + "9" * 30_000 + "a")  # ... 14 s
 @example(text="(" * 5000 + "1" + ")" * 5000 + " = 1")
 @example(text="- " * 5000 + "1 = 1")
 def test_step_checker_never_raises(text):
@@ -204,7 +208,7 @@ def test_step_checker_never_raises(text):
     verdict = check_step(text)
     assert isinstance(verdict, Verdict)
     assert step_is_correct(text) is (verdict is Verdict.CORRECT)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < PER_CALL_S
 
 
 @st.composite
@@ -260,7 +264,7 @@ def test_step_checker_verdicts_on_hostile_steps(step, verdict):
     start = time.perf_counter()
     assert check_step(step) is verdict
     assert step_is_correct(step) is (verdict is Verdict.CORRECT)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < PER_CALL_S
 
 
 def test_symbolic_judge_flags_and_counts_unchecked_steps():
@@ -303,8 +307,8 @@ def _last_boxed_naive(text: str) -> str | None:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=BOXY)
-@example(text="\\boxed{" + "{" * 999 + "}" * 999 + "}")
-@example(text="\\boxed{" + "{" * 1000 + "}" * 1000 + "}")
+@example(text="\\boxed{1}\\boxed{" + "{" * 500 + "}" * 500 + "}")  # 1000 characters: read
+@example(text="\\boxed{1}\\boxed{" + "{" * 500 + "}" * 500 + "x}")  # 1001: too long
 @example(text="\\boxed{1}\\boxed{\\}")
 def test_last_boxed_matches_the_naive_scan(text):
     assert last_boxed(text) == _last_boxed_naive(text)
@@ -317,7 +321,7 @@ def test_extraction_never_raises(text):
     answer = extract_answer(text)
     assert answer is None or isinstance(answer, str)
     assert isinstance(normalize_answer(text), str)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < PER_CALL_S
 
 
 @pytest.mark.parametrize(
