@@ -59,16 +59,29 @@ class JudgeBackend(Protocol):
 
 
 class StepCheckerBackend:
-    """Symbolic arithmetic checker (no model); noisy when `flip_prob` > 0."""
+    """Symbolic arithmetic checker (no model); noisy when `flip_prob` > 0.
+
+    `check_step` never raises and is bounded per step, so no model text can end
+    the judge task; a step too long or too big to check is flagged and counted
+    in `unchecked_steps` (logged as `judge_unchecked_steps`).
+    """
 
     def __init__(self, flip_prob: float, seed: int):
         self.flip_prob = flip_prob
         self.rng = random.Random(seed)
+        self.unchecked_steps = 0
 
     def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[JudgeReply]:
-        from capo_dist.step_checker import critique_steps
+        from capo_dist.step_checker import Verdict, check_step, critique_verdicts
 
-        return [JudgeReply(critique_steps(r.steps, n, self.flip_prob, self.rng)) for r in requests]
+        replies = []
+        for r in requests:
+            verdicts = [check_step(s) for s in r.steps]
+            self.unchecked_steps += verdicts.count(Verdict.UNCHECKED)
+            replies.append(
+                JudgeReply(critique_verdicts(r.steps, verdicts, n, self.flip_prob, self.rng))
+            )
+        return replies
 
 
 class HttpBackend:
@@ -208,6 +221,7 @@ class JudgeWorker:
                 )
             )
         failed_before = self._failed_requests()
+        unchecked_before = getattr(self.backend, "unchecked_steps", 0)
         replies = self.backend.critiques(requests, self.n)
         texts = [reply.critiques for reply in replies]
         for critiques in texts:
@@ -232,4 +246,7 @@ class JudgeWorker:
         return judged, {
             "judge_request_failures": float(self._failed_requests() - failed_before),
             "judge_seconds": time.perf_counter() - start,
+            "judge_unchecked_steps": float(
+                getattr(self.backend, "unchecked_steps", 0) - unchecked_before
+            ),
         }

@@ -536,6 +536,7 @@ class Trainer:
                 "time_judge": sum(s["judge_seconds"] for s in judge_stats)
                 / max(len(self.judges), 1),
                 "judge_request_failures": sum(s["judge_request_failures"] for s in judge_stats),
+                "judge_unchecked_steps": sum(s["judge_unchecked_steps"] for s in judge_stats),
                 "time_train": t_sync - t_train,
                 "time_sync": t_end - t_sync,
                 "time_sync_load": max(load_times),

@@ -1,8 +1,17 @@
-"""Shared fixtures: the path to ../shared/data (read by path, never copied)."""
+"""Shared fixtures: the path to ../shared/data (read by path, never copied); hypothesis profiles."""
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (CI cannot flake on a new draw, and a
+# failure reproduces from the test name alone); `HYPOTHESIS_PROFILE=dev` draws fresh ones
+# and keeps hypothesis' example database, for fuzzing locally.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

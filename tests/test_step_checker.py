@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 
 from capo_dist.data import synthetic_arith
 from capo_dist.rewards.critique import parse_wrong_steps
-from capo_dist.step_checker import critique_steps, evaluate, solution_is_clean, step_is_correct
+from capo_dist.step_checker import (
+    TooBigToCheck,
+    critique_steps,
+    evaluate,
+    solution_is_clean,
+    step_is_correct,
+)
 
 
 @pytest.mark.parametrize(
@@ -28,6 +34,12 @@ from capo_dist.step_checker import critique_steps, evaluate, solution_is_clean, 
         ("10 / 0 = 3", False),
         ("So it cost 192*100=$1920", False),  # a real error in GSM8K's train split
         ("There are 60 students x 2/3 = 40 students.", True),  # partial left side: skipped
+        ("3^2 + 4^2 = 25", True),
+        ("2**10 = 1000", False),
+        ("$\\pi\\cdot 6^2-\\pi\\cdot 4^2=36\\pi-16\\pi$", True),  # `\cdot 4^2`: partial
+        ("(2\\cdot (3\\cdot 4)) \\cdot (5+1) = 144", True),
+        ("So 2 + 2 = 4\\text{ apples}", True),
+        ("So 2 + 2 = 5\\text{ apples}", False),
     ],
 )
 def test_step_verdicts(step, ok):
@@ -36,9 +48,18 @@ def test_step_verdicts(step, ok):
 
 def test_evaluate_is_exact_and_refuses_non_arithmetic():
     assert evaluate("(1+2)*3/4") == evaluate("9/4")
-    for hostile in ["__import__('os')", "9**9**9", "2^3", "a+1", "((1)", "1 2"]:
+    assert (
+        evaluate("2^3^2") == 512 and evaluate("-2**2") == -4 and evaluate("2^-2") == evaluate(".25")
+    )
+    for hostile in ["__import__('os')", "9**9**9", "4^(1/2)", "a+1", "((1)", "1 2", "9" * 101]:
         with pytest.raises(ValueError):
             evaluate(hostile)
+    for too_big in ["1+" * 300 + "1", "2^4096", "10^10^10", "(" * 40 + "1" + ")" * 40, "9" * 101]:
+        with pytest.raises(TooBigToCheck):
+            evaluate(too_big)
+    for impossible in ["1/0", "1/(2-2)", "0^-1"]:
+        with pytest.raises(ZeroDivisionError):
+            evaluate(impossible)
 
 
 def test_generated_solutions_are_all_correct():

@@ -21,8 +21,14 @@ MAX_ANSWER_CHARS = 1000
 MAX_NESTING = 48
 # Longest digit string the numeric fast path reads (bounds Fraction sizes).
 _MAX_DIGITS = 400
+# Only the last MAX_SCAN_CHARS characters of a text are searched for its answer
+# (a final answer sits at the end; every scan below is linear in this window).
+MAX_SCAN_CHARS = 1 << 20
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\b")
+# What brace matching reads: a brace, or an escape pair that hides a brace or a
+# backslash (`\\{`, `\\}`, `\\\\`); other pairs (`\\b`) cannot change a brace's reading.
+_BRACE_OR_ESCAPE_RE = re.compile(r"\\[\\{}]|[{}]")
 _ANSWER_IS_RE = re.compile(r"answer\s+is\s*:?\s*", re.IGNORECASE)
 
 
@@ -50,17 +56,42 @@ def _balanced_group(text: str, start: int) -> int | None:
     return None
 
 
+def _closing_braces(text: str) -> dict[int, int]:
+    """For each `{` of `text` that is closed, the index of its matching `}`.
+
+    One pass over the braces and escape pairs, as `_balanced_group` reads them
+    (a `{` that follows no backslash is read identically from the text's start
+    or from itself), so every group of the text costs O(1) afterwards.
+    """
+    close: dict[int, int] = {}
+    open_at: list[int] = []
+    for m in _BRACE_OR_ESCAPE_RE.finditer(text):
+        i = m.start()
+        c = text[i]
+        if c == "{":
+            open_at.append(i)
+        elif c == "}" and open_at:
+            close[open_at.pop()] = i
+    return close
+
+
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{…}` / `\\fbox{…}` (or `\\boxed x`), raw."""
-    matches = list(_BOX_RE.finditer(text))
-    for m in reversed(matches):
+    """Content of the last `\\boxed{…}` / `\\fbox{…}` (or `\\boxed x`), raw.
+
+    A box whose group is unbalanced or longer than MAX_ANSWER_CHARS is skipped
+    for an earlier one. Linear in `len(text)`: braces are matched in one pass.
+    """
+    close: dict[int, int] | None = None
+    for m in reversed(list(_BOX_RE.finditer(text))):
         i = m.end()
         while i < len(text) and text[i] == " ":
             i += 1
         if i < len(text) and text[i] == "{":
-            end = _balanced_group(text, i)
-            if end is not None:
-                return text[i + 1 : end - 1]
+            if close is None:
+                close = _closing_braces(text)
+            end = close.get(i)
+            if end is not None and end - i <= MAX_ANSWER_CHARS + 1:
+                return text[i + 1 : end]
             continue  # unbalanced or huge: look at an earlier box
         # `\boxed 5` form: up to the next `$` or whitespace.
         tail = re.match(rf"[^\s$]{{1,{MAX_ANSWER_CHARS}}}", text[i : i + MAX_ANSWER_CHARS + 1])
@@ -100,8 +131,10 @@ def extract_answer(text: str) -> str | None:
 
     Order: last `\\boxed{…}`/`\\fbox{…}` (balanced braces), else the last GSM8K
     `#### x`, else the last "the answer is x". Answers longer than
-    MAX_ANSWER_CHARS count as no answer.
+    MAX_ANSWER_CHARS count as no answer; only the last MAX_SCAN_CHARS characters
+    of `text` are read. Linear time in that window.
     """
+    text = text[-MAX_SCAN_CHARS:]
     for finder in (last_boxed, _after_hashes, _answer_is):
         raw = finder(text)
         if raw is not None:

@@ -85,9 +85,11 @@ def parse_critique(text: str | None, num_steps: int) -> ParsedCritique:
     every step is right. Indices outside `[0, num_steps)` are dropped and
     counted. No label, a last label without a bracketed list, a non-integer
     item, or more than MAX_LIST_ITEMS items → invalid. `None` (the judge
-    failed) → invalid. Linear-time regexes only.
+    failed) → invalid, as is anything that is not a string (a reply of the
+    wrong shape). Linear time in `len(text)` (regexes bounded or anchored);
+    never raises.
     """
-    if not text:
+    if not isinstance(text, str) or not text:
         return _INVALID
     low = text.lower()  # everything below reads the lowercased text
     pos = low.rfind("wrong")

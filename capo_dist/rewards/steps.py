@@ -9,6 +9,7 @@ re-tokenisation of the text and never a guess by token counts):
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import weakref
@@ -215,17 +216,29 @@ def _byte_level_offsets(
     return list(zip(start.tolist(), end.tolist(), strict=True))
 
 
+_UTF8_WINDOW = 256  # > 4 bytes (the longest character), so every window makes progress
+
+
 def _invalid_utf8_ranges(data: bytes) -> list[tuple[int, int]]:
-    """Byte ranges that UTF-8 decoding replaces by U+FFFD (one char each)."""
+    """Byte ranges that UTF-8 decoding replaces by U+FFFD (one char each).
+
+    Decoded in windows of _UTF8_WINDOW bytes (a character cut at a window's end
+    is decoded with the next window): a decode error holds a copy of what was
+    decoded, so decoding the whole rest after each error was quadratic in the
+    number of stray bytes. Linear in `len(data)`.
+    """
     ranges: list[tuple[int, int]] = []
-    pos = 0
-    while True:
+    view = memoryview(data)
+    pos, size = 0, len(data)
+    while pos < size:
+        end = min(pos + _UTF8_WINDOW, size)
         try:
-            data[pos:].decode("utf-8")
-            return ranges
+            _, used = codecs.utf_8_decode(view[pos:end], "strict", end == size)
+            pos += used
         except UnicodeDecodeError as e:
             ranges.append((pos + e.start, pos + e.end))
             pos += e.end
+    return ranges
 
 
 def _common_prefix_len(a: str, b: str) -> int:
