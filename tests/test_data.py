@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from capo_dist.config import CapoConfig
 from capo_dist.data import (
     MAX_GOLD_CHARS,
     MAX_LINE_BYTES,
@@ -20,8 +19,6 @@ from capo_dist.data import (
     synthetic_arith,
     valid_unicode,
 )
-from capo_dist.experience import make_experience
-from capo_dist.types import Completion, JudgedRollout, Rollout
 from tests.json_rows import hostile_lines
 
 GOOD = json.dumps({"question": "ok?", "answer": "so #### 3"}).encode()
@@ -257,16 +254,6 @@ def test_a_step_larger_than_the_data_is_refused():
     problems = [x.problem for x in synthetic_arith(3, seed=0)]
     with pytest.raises(ValueError, match="4 problems from 3 would repeat"):
         ProblemStream(problems, seed=0).take(4)
-
-
-def test_a_step_holding_one_problem_twice_is_refused_not_merged():
-    problem = synthetic_arith(1, seed=0)[0].problem
-    twice = [
-        JudgedRollout(Rollout(problem, g, [1], Completion([2], "x", [0.0]), 0))
-        for g in (0, 1, 0, 1)
-    ]
-    with pytest.raises(ValueError, match="same problem uid twice"):
-        make_experience(twice, None, [False] * 4, CapoConfig(), 0)  # refused before tokenizing
 
 
 @settings(max_examples=150, deadline=None)
