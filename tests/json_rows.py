@@ -1,8 +1,9 @@
 """Hostile JSONL lines for the property tests of the data loaders (training and benchmark files).
 
 `hostile_lines()` draws one line (bytes, no newline) that a user's file could
-hold: JSON values of every shape (nested lists/objects, wrong types, nulls,
-huge and non-finite numbers, strings with lone surrogates) under the keys the
+hold: usable rows of each format with one or two fields replaced, and rows made
+of JSON values of every shape (nested lists/objects, wrong types, nulls, huge
+and non-finite numbers, strings with lone surrogates) under the keys the
 loaders read, raw bytes, and pathologically deep nesting.
 """
 
@@ -44,10 +45,27 @@ KEYS = (
 )
 
 
+# Usable rows of each loader's formats; `_perturbed` breaks one or two of their fields.
+TEMPLATES = (
+    {"id": 1, "question": "Q?", "answer": "so #### 7"},  # training file, GSM8K
+    {"id": 2, "problem": "Q?", "answer": "7"},  # training file (plain) / benchmark
+    {"id": 3, "problem": "Q?", "final_answer": ["$7$"], "context": "C."},  # OlympiadBench
+    {"idx": 4, "problem": "Q?", "solution": "so \\boxed{7}"},  # MATH
+)
+
+
 @st.composite
 def _rows(draw: st.DrawFn) -> bytes:
     keys = draw(st.lists(st.sampled_from(KEYS), max_size=len(KEYS), unique=True))
     return json.dumps({k: draw(JSON_VALUES) for k in keys}).encode()
+
+
+@st.composite
+def _perturbed(draw: st.DrawFn) -> bytes:
+    row = dict(draw(st.sampled_from(TEMPLATES)))
+    for key in draw(st.lists(st.sampled_from(KEYS), min_size=1, max_size=2, unique=True)):
+        row[key] = draw(JSON_VALUES)
+    return json.dumps(row).encode()
 
 
 @st.composite
@@ -67,4 +85,4 @@ def hostile_lines() -> st.SearchStrategy[bytes]:
     """One non-blank line, no newline in it."""
     raw = st.binary(min_size=1, max_size=40).filter(lambda b: b"\n" not in b and b.strip())
     values = JSON_VALUES.map(lambda v: json.dumps(v).encode())
-    return _rows() | _deep() | values | raw | _HUGE_INT
+    return _perturbed() | _rows() | _deep() | values | raw | _HUGE_INT
