@@ -63,8 +63,11 @@ def _rows(draw: st.DrawFn) -> bytes:
 @st.composite
 def _perturbed(draw: st.DrawFn) -> bytes:
     row = dict(draw(st.sampled_from(TEMPLATES)))
-    for key in draw(st.lists(st.sampled_from(KEYS), min_size=1, max_size=2, unique=True)):
-        row[key] = draw(JSON_VALUES)
+    for key in draw(st.lists(st.sampled_from(sorted(row)), min_size=1, max_size=2, unique=True)):
+        if draw(st.integers(0, 9)) == 0:
+            del row[key]
+        else:
+            row[key] = draw(_SCALARS | JSON_VALUES)
     return json.dumps(row).encode()
 
 
