@@ -257,12 +257,16 @@ def test_a_step_larger_than_the_data_is_refused():
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(hostile_lines(), min_size=1, max_size=6), st.sampled_from(["gsm8k", "plain"]))
-def test_any_file_with_one_good_row_loads_and_counts_every_row(tmp_path_factory, lines, fmt):
+@given(
+    st.lists(hostile_lines(), min_size=1, max_size=6),
+    st.sampled_from([("question", "gsm8k"), ("question", "plain"), ("problem", "plain")]),
+)
+def test_any_file_with_one_good_row_loads_and_counts_every_row(tmp_path_factory, lines, keys):
+    question_key, fmt = keys
     path = tmp_path_factory.getbasetemp() / "property_rows.jsonl"
-    good = json.dumps({"question": "ok?", "answer": "#### 3"}).encode()
+    good = json.dumps({question_key: "ok?", "answer": "#### 3"}).encode()
     path.write_bytes(b"\n".join([*lines, good]) + b"\n")
-    problems, stats = load_jsonl(path, answer_format=fmt)
+    problems, stats = load_jsonl(path, question_key, answer_format=fmt)
     assert stats.rows == len(lines) + 1
     assert stats.kept + sum(stats.skipped.values()) == stats.rows
     assert problems[-1].question == "ok?" and len(problems) == stats.kept
