@@ -66,8 +66,12 @@ def _rows(draw: st.DrawFn) -> bytes:
 def _perturbed(draw: st.DrawFn) -> bytes:
     row = dict(draw(st.sampled_from(TEMPLATES)))
     for key in draw(st.lists(st.sampled_from(sorted(row)), min_size=1, max_size=2, unique=True)):
-        if draw(st.integers(0, 9)) == 0:
+        action = draw(st.integers(0, 9))
+        if action == 0:
             del row[key]
+        elif action < 5 and isinstance(row[key], str):  # the same text with a lone surrogate
+            at = draw(st.integers(0, len(row[key])))
+            row[key] = row[key][:at] + draw(_SURROGATES) + row[key][at:]
         else:
             row[key] = draw(st.one_of(_SURROGATES, _SCALARS, JSON_VALUES))
     return json.dumps(row).encode()
