@@ -21,6 +21,7 @@ position; each replaced id is counted in `DataStats.replaced_ids` by reason.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -165,7 +166,7 @@ def number_text(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             return None
         return str(int(value)) if value.is_integer() else repr(value)
     return str(value)
@@ -187,17 +188,17 @@ class UniqueIds:
         self.seen: set[str] = set()
 
     def assign(self, row: dict[str, Any], lineno: int) -> str:
+        """The uid of `row`, read at line `lineno` (0-based) of the file."""
         key = "id" if "id" in row else "idx"
         value = row.get(key)
+        text = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
         if key not in row:
             reason = "no_id"
         elif value is None:
             reason = "null_id"
-        elif isinstance(value, bool) or not isinstance(value, (str, int)):
+        elif not text.strip() or len(text) > MAX_ID_CHARS:
             reason = "bad_id"
-        elif isinstance(value, str) and not (value.strip() and len(value) <= MAX_ID_CHARS):
-            reason = "bad_id"
-        elif (uid := f"{self.id_prefix}{value}") in self.seen:
+        elif (uid := f"{self.id_prefix}{text}") in self.seen:
             reason = "duplicate_id"
         else:
             reason = ""

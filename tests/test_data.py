@@ -204,6 +204,7 @@ def test_null_and_duplicate_ids_get_unique_uids_by_row_position(tmp_path):
         {"id": True, "question": "j", "answer": "#### 1"},
         {"id": "  ", "question": "k", "answer": "#### 1"},
         {"id": "x" * 201, "question": "l", "answer": "#### 1"},
+        {"id": 10**300, "question": "m", "answer": "#### 1"},  # too long as a uid
     ]
     problems, stats = _load(tmp_path, *(json.dumps(r).encode() for r in rows))
     assert [p.uid for p in problems] == [
@@ -219,9 +220,10 @@ def test_null_and_duplicate_ids_get_unique_uids_by_row_position(tmp_path):
         "rows-9",
         "rows-10",
         "rows-11",
+        "rows-12",
     ]
-    assert dict(stats.replaced_ids) == {"null_id": 2, "duplicate_id": 2, "no_id": 1, "bad_id": 4}
-    assert "ids replaced by the row position: bad_id: 4, duplicate_id: 2" in stats.summary()
+    assert dict(stats.replaced_ids) == {"null_id": 2, "duplicate_id": 2, "no_id": 1, "bad_id": 5}
+    assert "ids replaced by the row position: bad_id: 5, duplicate_id: 2" in stats.summary()
 
 
 def test_a_step_across_an_epoch_boundary_never_repeats_a_problem():
