@@ -19,7 +19,11 @@ recognised per row:
   - `solution`: the last `\\boxed{...}` of the worked solution (Minerva, MATH).
 
 A row that cannot be used (bad JSON, no question, no gold, a gold that cannot be
-extracted) is skipped and counted by reason (`DataStats`), never silently dropped.
+extracted, and every shape check of `capo_dist.data`: line length, nesting, field
+types and lengths, lone surrogates) is skipped and counted by reason
+(`DataStats`), never silently dropped and never an exception. Uids are unique
+within a file (null, missing and duplicate ids replaced by the row position,
+counted).
 
 Metrics per benchmark, every response scored by `Verifier.check_many` (the
 trainer's outcome reward):

@@ -24,7 +24,9 @@ files of `--split` are read: those named `<split>.jsonl`, `<split>-*.jsonl`, or
 under a folder named `<split>`. Parquet files are not supported: this package
 does not depend on pyarrow (convert them to JSONL first).
 
-Unusable rows are skipped and counted per reason; the counts are printed. The
+Unusable rows are skipped and counted per reason (with the shape checks of
+`capo_dist.data`: line length, nesting, field types and lengths, lone
+surrogates; a row never raises); the counts are printed. The
 output is written to a temporary file beside `--out` and renamed into place, so
 a crash never leaves a half-written training file.
 """
