@@ -1,21 +1,41 @@
 """Training prompts: JSONL files with configurable field names, or generated arithmetic.
 
-A row that cannot be used (bad JSON, non-UTF-8 bytes, a missing or empty
-question/answer, a gold answer that cannot be extracted) is skipped and
-counted in `DataStats`, never silently dropped; a file with no usable row is
-an error that names the file and the keys it looked for.
+Every row of a file is either used or skipped and counted in `DataStats` by
+reason, never silently dropped and never an exception: the shape of a row is
+checked by type, not trusted. A row is skipped when its line is over
+`MAX_LINE_BYTES` (read in bounded pieces), is not UTF-8, is not JSON (a number
+of over 4300 digits included), is not a JSON object, nests deeper than
+`MAX_DEPTH` (JSON nested too deep for the parser included), holds a string
+that is not valid Unicode anywhere (a lone surrogate such as "\\ud800", which
+would kill the rollout tokenizer mid-run), or when its question/answer is
+missing, blank, not of the expected type or over `MAX_TEXT_CHARS`, or its gold
+answer cannot be extracted or is over `MAX_GOLD_CHARS`. A file with no usable
+row is an error that names the file and the keys it looked for.
+
+Problem identity (`Problem.uid`, which groups the responses of one prompt for
+the advantage) is unique by construction within a file: a row's `id` (else
+`idx`) when it is a string or integer not seen before, otherwise its row
+position; each replaced id is counted in `DataStats.replaced_ids` by reason.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 from capo_dist.types import Problem
+
+MAX_LINE_BYTES = 1 << 20  # one JSONL line (the longest benchmark row here is 55 kB)
+MAX_DEPTH = 32  # nesting of a row's values (benchmark rows nest 2 deep)
+MAX_TEXT_CHARS = 65_536  # a question, context, answer or solution (longest here: 12k)
+MAX_GOLD_CHARS = 1_000  # an extracted gold answer (longest here: 224)
+MAX_ID_CHARS = 200  # a row's own id; a longer one is replaced by the row position
 
 
 class DataError(ValueError):
@@ -24,15 +44,20 @@ class DataError(ValueError):
 
 @dataclass
 class DataStats:
-    """How many rows were read, kept, and skipped for which reason."""
+    """How many rows were read, kept, skipped for which reason, and whose id was replaced why."""
 
     rows: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
+    replaced_ids: Counter = field(default_factory=Counter)
 
     def summary(self) -> str:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"{self.kept}/{self.rows} rows kept (skipped: {why})"
+        text = f"{self.kept}/{self.rows} rows kept (skipped: {why})"
+        if self.replaced_ids:
+            ids = ", ".join(f"{k}: {v}" for k, v in sorted(self.replaced_ids.items()))
+            text += f"; ids replaced by the row position: {ids}"
+        return text
 
 
 def gsm8k_gold(answer: str) -> str | None:
@@ -43,25 +68,149 @@ def gsm8k_gold(answer: str) -> str | None:
     return gold or None
 
 
-def jsonl_objects(path: Path, stats: DataStats) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each JSON-object line; other non-blank lines are counted in `stats`."""
+def _lines(f: IO[bytes], limit: int) -> Iterator[bytes | None]:
+    """Each line of `f`, or None for one over `limit` bytes (read and dropped in bounded pieces)."""
+    while raw := f.readline(limit + 1):
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw
+            continue
+        while (rest := f.readline(limit)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
+def _shape_error(row: dict[str, Any]) -> str:
+    """Why `row` cannot be used, or "" when every value nests at most `MAX_DEPTH` deep and
+    every string (keys too) is valid Unicode (encodable as UTF-8: no lone surrogate).
+    Iterative, so it is bounded by the row's size, never by the stack."""
+    stack: list[tuple[Any, int]] = [(row, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            texts = [value]
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_DEPTH:
+                return "too_deeply_nested"
+            values = value.values() if isinstance(value, dict) else value
+            texts = list(value) if isinstance(value, dict) else []  # keys: always str in JSON
+            stack.extend((v, depth + 1) for v in values)
+        else:
+            continue
+        if not all(valid_unicode(t) for t in texts):
+            return "invalid_unicode"
+    return ""
+
+
+def valid_unicode(text: str) -> bool:
+    """Whether `text` encodes as UTF-8, i.e. holds no lone surrogate (which tokenizers reject)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def parse_row(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+    """(the JSON object of one line, "") or (None, why it cannot be a row)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not_utf8"
+    try:
+        row = json.loads(text)
+    except RecursionError:
+        return None, "too_deeply_nested"
+    except ValueError:  # JSONDecodeError, or an integer of over 4300 digits
+        return None, "bad_json"
+    if not isinstance(row, dict):
+        return None, "not_an_object"
+    error = _shape_error(row)
+    return (None, error) if error else (row, "")
+
+
+def jsonl_objects(path: Path, stats: DataStats) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each usable JSON-object line (see the module doc);
+    other non-blank lines are counted in `stats` by reason."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f):
-            if not raw.strip():
+        for lineno, raw in enumerate(_lines(f, MAX_LINE_BYTES)):
+            if raw is not None and not raw.strip():
                 continue
             stats.rows += 1
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                stats.skipped["not_utf8"] += 1
-                continue
-            except json.JSONDecodeError:
-                stats.skipped["bad_json"] += 1
-                continue
-            if not isinstance(row, dict):
-                stats.skipped["not_an_object"] += 1
+            row, reason = parse_row(raw) if raw is not None else (None, "line_too_long")
+            if row is None:
+                stats.skipped[reason] += 1
                 continue
             yield lineno, row
+
+
+def text_field(
+    row: dict[str, Any], key: str, max_chars: int = MAX_TEXT_CHARS
+) -> tuple[str | None, str]:
+    """(the stripped text of `row[key]`, "") or (None, reason): `missing_<key>` (absent, null,
+    blank), `<key>_not_text` (another type), `<key>_too_long` (over `max_chars`)."""
+    value = row.get(key)
+    if value is not None and not isinstance(value, str):
+        return None, f"{key}_not_text"
+    value = value.strip() if value is not None else ""
+    if not value:
+        return None, f"missing_{key}"
+    if len(value) > max_chars:
+        return None, f"{key}_too_long"
+    return value, ""
+
+
+def number_text(value: Any) -> str | None:
+    """An int or finite float as text (`27.0` → `27`); None for anything else (bools too)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
+class UniqueIds:
+    """Unique problem uids for the rows of one file, and a count of the ids it replaced.
+
+    A row's uid is `id_prefix` + its `id` (else `idx`) when that is a string
+    (non-blank, at most `MAX_ID_CHARS`) or an integer whose uid no earlier row
+    has; otherwise `position_prefix` + its line number (made unique with a
+    `~k` suffix in the rare case a row's own id already took that text). The
+    reason of each replacement is counted in `stats.replaced_ids`: `no_id`,
+    `null_id`, `bad_id` (another type, blank or too long), `duplicate_id`.
+    """
+
+    def __init__(self, stats: DataStats, position_prefix: str, id_prefix: str = ""):
+        self.stats, self.position_prefix, self.id_prefix = stats, position_prefix, id_prefix
+        self.seen: set[str] = set()
+
+    def assign(self, row: dict[str, Any], lineno: int) -> str:
+        """The uid of `row`, read at line `lineno` (0-based) of the file."""
+        key = "id" if "id" in row else "idx"
+        value = row.get(key)
+        text = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+        if key not in row:
+            reason = "no_id"
+        elif value is None:
+            reason = "null_id"
+        elif not text.strip() or len(text) > MAX_ID_CHARS:
+            reason = "bad_id"
+        elif (uid := f"{self.id_prefix}{text}") in self.seen:
+            reason = "duplicate_id"
+        else:
+            reason = ""
+        if reason:
+            self.stats.replaced_ids[reason] += 1
+            base = uid = f"{self.position_prefix}{lineno}"
+            k = 0
+            while uid in self.seen:  # at most once per earlier row
+                k += 1
+                uid = f"{base}~{k}"
+        self.seen.add(uid)
+        return uid
 
 
 def load_jsonl(
@@ -71,25 +220,37 @@ def load_jsonl(
     answer_format: str = "gsm8k",
     max_rows: int | None = None,
 ) -> tuple[list[Problem], DataStats]:
-    """Read problems from a JSONL file, skipping and counting unusable rows."""
+    """Read problems from a JSONL file, skipping and counting unusable rows (module doc).
+
+    The answer is a string (a GSM8K solution, or the gold itself for
+    `answer_format="plain"`) or, for "plain", a number. Uids: `UniqueIds`,
+    the row position written `<file stem>-<line number>`.
+    """
     path = Path(path)
     stats = DataStats()
+    ids = UniqueIds(stats, position_prefix=f"{path.stem}-")
     problems: list[Problem] = []
     for lineno, row in jsonl_objects(path, stats):
-        question, answer = row.get(question_key), row.get(answer_key)
-        if not isinstance(question, str) or not question.strip():
-            stats.skipped[f"missing_{question_key}"] += 1
+        question, reason = text_field(row, question_key)
+        if question is None:
+            stats.skipped[reason] += 1
             continue
-        if answer is None or (isinstance(answer, str) and not answer.strip()):
-            stats.skipped[f"missing_{answer_key}"] += 1
+        value = row.get(answer_key)
+        if answer_format != "gsm8k" and number_text(value) is not None:
+            answer, reason = number_text(value), ""
+        else:
+            answer, reason = text_field(row, answer_key)
+        if answer is None:
+            stats.skipped[reason] += 1
             continue
-        answer = str(answer)
-        gold = gsm8k_gold(answer) if answer_format == "gsm8k" else answer.strip()
+        gold = gsm8k_gold(answer) if answer_format == "gsm8k" else answer
         if not gold:
             stats.skipped["no_gold_answer"] += 1
             continue
-        uid = str(row.get("id", row.get("idx", f"{path.stem}-{lineno}")))
-        problems.append(Problem(uid=uid, question=question.strip(), gold=gold))
+        if len(gold) > MAX_GOLD_CHARS:
+            stats.skipped["gold_too_long"] += 1
+            continue
+        problems.append(Problem(uid=ids.assign(row, lineno), question=question, gold=gold))
         stats.kept += 1
         if max_rows is not None and stats.kept >= max_rows:
             break
@@ -162,32 +323,53 @@ def synthetic_arith(size: int, seed: int, min_ops: int = 1, max_ops: int = 3) ->
 
 
 class ProblemStream:
-    """Problems forever, reshuffled each epoch from `seed` and the epoch number.
+    """Problems forever, each epoch in a new order; a step never holds the same problem twice.
 
-    Its position (`epoch`, `index`) is all the state it has, so a checkpoint
-    that stores `state()` resumes the exact same sequence.
+    Epoch `e` visits every problem exactly once, in the order
+    `random.Random(seed * 1_000_003 + e)` shuffles them, except that the
+    problems in `deferred` keep their relative order but go to the end. The
+    rule: a `take(n)` that crosses from epoch `e` into `e + 1` already holds
+    the last `r` problems of epoch `e`; those are epoch `e + 1`'s `deferred`,
+    so the `n - r` it then takes from the head of epoch `e + 1` are all other
+    problems (there are enough since `n` is at most the number of problems).
+
+    Its position (`epoch`, `index`, `deferred`) is all the state it has, so a
+    checkpoint that stores `state()` resumes the exact same sequence (a state
+    without `deferred`, written before this rule, reads as none deferred).
     """
 
-    def __init__(self, problems: list[Problem], seed: int, epoch: int = 0, index: int = 0):
+    def __init__(
+        self,
+        problems: list[Problem],
+        seed: int,
+        epoch: int = 0,
+        index: int = 0,
+        deferred: Sequence[int] = (),
+    ):
         self.problems, self.seed = problems, seed
-        self.epoch, self.index = epoch, index
-        self._order = self._shuffled(epoch)
+        self.epoch, self.index, self.deferred = epoch, index, tuple(deferred)
+        self._order = self._epoch_order()
 
-    def _shuffled(self, epoch: int) -> list[int]:
+    def _epoch_order(self) -> list[int]:
         order = list(range(len(self.problems)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        last = set(self.deferred)
+        return [i for i in order if i not in last] + list(self.deferred)
 
     def take(self, n: int) -> list[Problem]:
-        """The next `n` problems."""
-        out = []
+        """The next `n` problems, all different (ValueError if there are fewer than `n`)."""
+        if n > len(self.problems):
+            raise ValueError(
+                f"a step of {n} problems from {len(self.problems)} would repeat a problem"
+            )
+        out: list[int] = []
         for _ in range(n):
             if self.index == len(self._order):
-                self.epoch, self.index = self.epoch + 1, 0
-                self._order = self._shuffled(self.epoch)
-            out.append(self.problems[self._order[self.index]])
+                self.epoch, self.index, self.deferred = self.epoch + 1, 0, tuple(out)
+                self._order = self._epoch_order()
+            out.append(self._order[self.index])
             self.index += 1
-        return out
+        return [self.problems[i] for i in out]
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+    def state(self) -> dict[str, int | list[int]]:
+        return {"epoch": self.epoch, "index": self.index, "deferred": list(self.deferred)}

@@ -19,7 +19,11 @@ recognised per row:
   - `solution`: the last `\\boxed{...}` of the worked solution (Minerva, MATH).
 
 A row that cannot be used (bad JSON, no question, no gold, a gold that cannot be
-extracted) is skipped and counted by reason (`DataStats`), never silently dropped.
+extracted, and every shape check of `capo_dist.data`: line length, nesting, field
+types and lengths, lone surrogates) is skipped and counted by reason
+(`DataStats`), never silently dropped and never an exception. Uids are unique
+within a file (null, missing and duplicate ids replaced by the row position,
+counted).
 
 Metrics per benchmark, every response scored by `Verifier.check_many` (the
 trainer's outcome reward):
@@ -40,14 +44,23 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capo_dist.data import DataStats, gsm8k_gold, jsonl_objects
+from capo_dist.data import (
+    MAX_GOLD_CHARS,
+    MAX_TEXT_CHARS,
+    DataStats,
+    UniqueIds,
+    gsm8k_gold,
+    jsonl_objects,
+    number_text,
+    text_field,
+    valid_unicode,
+)
 from capo_dist.engines.base import GenerationEngine
 from capo_dist.rewards.answers import extract_answer
 from capo_dist.rewards.verifier import Verifier, default_verifier
@@ -63,47 +76,53 @@ DEFAULT_PROMPT_TEMPLATE = (
 # ---------------------------------------------------------------- loading
 
 
+def _scalar_gold(value: Any) -> str | None:
+    """A string, int or finite float gold as text (integral floats without '.0')."""
+    if isinstance(value, str):
+        return value.strip() or None
+    return number_text(value)
+
+
 def _format_gold(value: Any) -> str | None:
-    """A gold value as text: integral floats without '.0', lists joined with ', '."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return None
-        return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        parts = [_format_gold(v) for v in value]
+    """A gold value as text: a scalar (`_scalar_gold`) or a flat list of them joined with ', '."""
+    if isinstance(value, list):
+        parts = [_scalar_gold(v) for v in value]  # a nested list is no gold: None
         if not parts or any(p is None for p in parts):
             return None
         return ", ".join(p for p in parts if p is not None)
-    if isinstance(value, str):
-        return value.strip() or None
-    return None
+    return _scalar_gold(value)
 
 
 def _final_answer_gold(value: Any) -> str | None:
-    """OlympiadBench `final_answer`: a list, a string repr of a list, or a plain string."""
+    """OlympiadBench `final_answer`: a list, a string repr of a list, or a plain string.
+
+    A string over `MAX_GOLD_CHARS` is no gold (so the parse below is bounded);
+    a repr that does not parse as a literal is no gold either.
+    """
+    if isinstance(value, str) and len(value) > MAX_GOLD_CHARS:
+        return None
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             try:
                 value = ast.literal_eval(value)  # literals only; never eval
-            except (ValueError, SyntaxError, MemoryError, RecursionError):
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                 return None
-        if not isinstance(value, (list, tuple)):
+        if not isinstance(value, list):
             return None
     return _format_gold(value)
 
 
 def _row_gold(row: dict[str, Any]) -> tuple[str | None, str]:
-    """(gold answer or None, skip reason) of one benchmark row."""
+    """(gold answer or None, skip reason) of one benchmark row; every text it reads is a
+    string of at most `MAX_TEXT_CHARS` (checked by type before any scan)."""
     if "final_answer" in row:
         return _final_answer_gold(row["final_answer"]), "bad_final_answer"
     if "answer" in row:
         answer = row["answer"]
+        if isinstance(answer, str) and len(answer) > MAX_TEXT_CHARS:
+            return None, "answer_too_long"
         if isinstance(answer, str) and "####" in answer:
             return gsm8k_gold(answer), "no_gsm8k_answer"
         if isinstance(answer, str) and ("\\boxed" in answer or "\\fbox" in answer):
@@ -115,35 +134,54 @@ def _row_gold(row: dict[str, Any]) -> tuple[str | None, str]:
             solution = solution[0] if solution else None
         if not isinstance(solution, str):
             return None, "bad_solution"
+        if len(solution) > MAX_TEXT_CHARS:
+            return None, "solution_too_long"
         return extract_answer(solution), "no_boxed_in_solution"
     return None, "no_gold_key"
+
+
+def _bench_question(row: dict[str, Any]) -> tuple[str | None, str]:
+    """(the question, "") or (None, skip reason): `problem`, else `question`, after `context`."""
+    question, reason = text_field(row, "problem")
+    if question is None:
+        question, fallback = text_field(row, "question")
+        reason = fallback if reason == "missing_problem" else reason
+    if question is None:
+        return None, "no_question" if reason == "missing_question" else reason
+    context, reason = text_field(row, "context")
+    if context is None and reason != "missing_context":  # not text, or too long
+        return None, reason
+    return (f"{context}\n\n{question}" if context else question), ""
 
 
 def load_bench(path: str | Path, name: str) -> tuple[list[Problem], DataStats]:
     """The problems of a benchmark JSONL file (formats: module doc), and the skip counts.
 
-    Uids are `<name>-<id>` (the row's `id`/`idx`, else its line number).
+    Every row is used or skipped and counted (`capo_dist.data`: bounded, typed
+    checks). Uids are `<name>-<id>` (the row's `id`/`idx`), else `<name>-<line
+    number>`: unique by construction (`capo_dist.data.UniqueIds`), the
+    replaced ids counted in `DataStats.replaced_ids`.
     """
     path = Path(path)
     stats = DataStats()
+    ids = UniqueIds(stats, position_prefix=f"{name}-", id_prefix=f"{name}-")
     problems: list[Problem] = []
     for lineno, row in jsonl_objects(path, stats):
-        question = row.get("problem")
-        if not isinstance(question, str) or not question.strip():
-            question = row.get("question")
-        if not isinstance(question, str) or not question.strip():
-            stats.skipped["no_question"] += 1
+        question, reason = _bench_question(row)
+        if question is None:
+            stats.skipped[reason] += 1
             continue
-        question = question.strip()
-        context = row.get("context")
-        if isinstance(context, str) and context.strip():
-            question = f"{context.strip()}\n\n{question}"
         gold, reason = _row_gold(row)
         if not gold:
             stats.skipped[reason] += 1
             continue
-        uid = row.get("id", row.get("idx", lineno))
-        problems.append(Problem(uid=f"{name}-{uid}", question=question, gold=gold))
+        if len(gold) > MAX_GOLD_CHARS:
+            stats.skipped["gold_too_long"] += 1
+            continue
+        if not valid_unicode(gold):  # a final_answer repr can spell a lone surrogate
+            stats.skipped["invalid_unicode"] += 1
+            continue
+        problems.append(Problem(uid=ids.assign(row, lineno), question=question, gold=gold))
         stats.kept += 1
     return problems, stats
 
@@ -171,8 +209,9 @@ class BenchScore:
 class EvalResult:
     """One evaluation: the settings, a score per benchmark, and every response.
 
-    `skipped` maps a benchmark to its load-time skip counts (filled by whoever
-    loaded the files); `samples` holds one JSON-ready record per problem.
+    `skipped` maps a benchmark to its load-time skip counts and `replaced_ids` to
+    its counts of row ids replaced by the row position (`DataStats`; both filled
+    by whoever loaded the files); `samples` holds one JSON-ready record per problem.
     """
 
     k: int
@@ -184,6 +223,7 @@ class EvalResult:
     chat_template: bool = False
     model: str = ""
     skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+    replaced_ids: dict[str, dict[str, int]] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
 
     def average(self) -> dict[str, float]:
@@ -223,6 +263,7 @@ class EvalResult:
             "benches": [asdict(s) for s in self.scores],
             "average": self.average(),
             "skipped": self.skipped,
+            "replaced_ids": self.replaced_ids,
         }
 
     def to_markdown(self) -> str:
@@ -431,6 +472,7 @@ def main(argv: Sequence[str] | None = None) -> EvalResult:
 
     benches: dict[str, list[Problem]] = {}
     skipped: dict[str, dict[str, int]] = {}
+    replaced_ids: dict[str, dict[str, int]] = {}
     for name, path in args.bench:
         problems, stats = load_bench(path, name)
         print(f"[evaluate] {name}: {stats.summary()}")
@@ -438,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> EvalResult:
             parser.error(f"{path} has no usable rows ({stats.summary()})")
         benches[name] = problems[: args.limit] if args.limit else problems
         skipped[name] = dict(stats.skipped)
+        replaced_ids[name] = dict(stats.replaced_ids)
 
     import torch
 
@@ -474,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> EvalResult:
         )
     result.model = args.model
     result.skipped = skipped
+    result.replaced_ids = replaced_ids
     out = result.write(args.out)
     print(result.to_markdown())
     print(f"[evaluate] wrote {out / 'eval.json'} and {out / 'eval.md'}")

@@ -44,7 +44,16 @@ def make_experience(
     cfg: CapoConfig,
     pad_token_id: int,
 ) -> Experience:
-    """Score `judged` (whole groups, in order) and pack them for the learner."""
+    """Score `judged` (whole groups, in order) and pack them for the learner.
+
+    Responses are grouped by problem uid for the advantage, so a problem held
+    twice in one step would silently merge two groups: that is refused
+    (ValueError) before any work (`capo_dist.data` makes uids unique and a
+    step's problems distinct).
+    """
+    seen = {(j.rollout.problem.uid, j.rollout.group_index) for j in judged}
+    if len(seen) < len(judged):
+        raise ValueError("a step holds the same problem uid twice: its groups would merge")
     B = len(judged)
     texts = [j.rollout.completion.text for j in judged]
     spans = [split_steps(t) for t in texts]

@@ -24,7 +24,9 @@ files of `--split` are read: those named `<split>.jsonl`, `<split>-*.jsonl`, or
 under a folder named `<split>`. Parquet files are not supported: this package
 does not depend on pyarrow (convert them to JSONL first).
 
-Unusable rows are skipped and counted per reason; the counts are printed. The
+Unusable rows are skipped and counted per reason (with the shape checks of
+`capo_dist.data`: line length, nesting, field types and lengths, lone
+surrogates; a row never raises); the counts are printed. The
 output is written to a temporary file beside `--out` and renamed into place, so
 a crash never leaves a half-written training file.
 """
@@ -39,7 +41,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from capo_dist.data import DataError, DataStats, gsm8k_gold, jsonl_objects
+from capo_dist.data import (
+    MAX_GOLD_CHARS,
+    DataError,
+    DataStats,
+    gsm8k_gold,
+    jsonl_objects,
+    text_field,
+)
 from capo_dist.rewards.answers import last_boxed
 
 FORMATS = ("auto", "math", "gsm8k")
@@ -64,12 +73,16 @@ class RowFormat:
     solution_key: str | None = None
 
 
-def _question(row: dict, key: str | None) -> str | None:
+def _question(row: dict, key: str | None) -> tuple[str | None, str]:
+    """(the question, "") or (None, skip reason): `key`, else `problem`, else `question`."""
+    unusable = ""  # the first field present but not usable text (wrong type, too long)
     for k in (key,) if key else ("problem", "question"):
-        value = row.get(k)
-        if isinstance(value, str) and value.strip():
-            return value.strip()
-    return None
+        value, why = text_field(row, k)
+        if value is not None:
+            return value, ""
+        if not unusable and not why.startswith("missing_"):
+            unusable = why
+    return None, unusable or f"no_{key or 'problem_or_question'}"
 
 
 def _solution_key(row: dict, fmt: RowFormat) -> str:
@@ -84,15 +97,15 @@ def _solution_key(row: dict, fmt: RowFormat) -> str:
 
 def prepare_row(row: dict, fmt: RowFormat) -> tuple[PreparedRow | None, str]:
     """(the row as a training problem, "") or (None, why it was skipped)."""
-    question = _question(row, fmt.question_key)
+    question, reason = _question(row, fmt.question_key)
     if question is None:
-        return None, f"no_{fmt.question_key or 'problem_or_question'}"
+        return None, reason
     key = _solution_key(row, fmt)
     if key not in row and not fmt.solution_key and fmt.format == "auto":
         return None, "no_solution_or_answer"
-    solution = row.get(key)
-    if not isinstance(solution, str) or not solution.strip():
-        return None, f"no_{key}"
+    solution, reason = text_field(row, key)
+    if solution is None:
+        return None, f"no_{key}" if reason == f"missing_{key}" else reason
     kind = fmt.format
     if kind == "auto":
         if "####" in solution:
@@ -110,6 +123,8 @@ def prepare_row(row: dict, fmt: RowFormat) -> tuple[PreparedRow | None, str]:
     answer = answer.strip() if answer else None
     if not answer:
         return None, reason
+    if len(answer) > MAX_GOLD_CHARS:
+        return None, "answer_too_long"
     return PreparedRow(problem=question, answer=answer), ""
 
 

@@ -191,6 +191,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.problems, self.data_stats, corpus = load_problems(cfg)
+        print(f"[capo_dist] training data: {self.data_stats.summary()}")
         if len(self.problems) < cfg.rollout.prompts_per_step:
             raise DataError(
                 f"the dataset has {len(self.problems)} usable problems ({self.data_stats.summary()}), "
@@ -209,10 +210,11 @@ class Trainer:
         if self.transport in ENGINE_BACKENDS:
             self._init_weight_transfer()
         self.stream = ProblemStream(self.problems, cfg.trainer.seed)
-        self.benches = {
-            name: load_bench(path, name)[0][: cfg.eval.limit]
-            for name, path in cfg.eval.benches.items()
-        }
+        self.benches: dict[str, list[Problem]] = {}
+        for name, path in cfg.eval.benches.items():
+            bench, bench_stats = load_bench(path, name)
+            print(f"[capo_dist] eval bench {name}: {bench_stats.summary()}")
+            self.benches[name] = bench[: cfg.eval.limit]
         self.step = self.version = 0
         self.latest_weights: list[ray.ObjectRef] = []
         self._resume()

@@ -15,11 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from capo_dist.data import MAX_GOLD_CHARS, MAX_TEXT_CHARS, valid_unicode
 from capo_dist.evaluate import evaluate_engine, load_bench, main
 from capo_dist.models import build_tiny_model
 from capo_dist.rewards.verifier import Verifier
 from capo_dist.types import Completion, Problem, SamplingSpec
+from tests.json_rows import hostile_lines
 
 BENCHES = {  # name: (path under shared/data, rows: all usable)
     "aime24": ("bench/aime24/test.jsonl", 30),
@@ -98,6 +102,92 @@ def test_load_bench_formats_and_bad_rows(tmp_path: Path):
         "not_an_object": 1,
         "bad_json": 1,
     }
+
+
+BENCH_HOSTILE = {
+    "nested_10000_deep": (
+        b'{"problem": "q", "final_answer": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+        "too_deeply_nested",
+    ),
+    "repr_nested_5000_deep": (  # json.loads of the repr recursed past the limit
+        json.dumps({"problem": "q", "final_answer": "[" * 5000}).encode(),
+        "bad_final_answer",
+    ),
+    "repr_of_a_nested_list": (
+        json.dumps({"problem": "q", "final_answer": '[[["7"]]]'}).encode(),
+        "bad_final_answer",
+    ),
+    "repr_of_a_lone_surrogate": (
+        json.dumps({"problem": "q", "final_answer": "['\\ud800']"}).encode(),
+        "invalid_unicode",
+    ),
+    "lone_surrogate_in_problem": (
+        b'{"problem": "a\\udc00", "answer": "3"}',
+        "invalid_unicode",
+    ),
+    "huge_integer_answer": (b'{"problem": "q", "answer": ' + b"9" * 5000 + b"}", "bad_json"),
+    "problem_is_an_object": (b'{"problem": {"t": "q"}, "answer": "3"}', "problem_not_text"),
+    "question_is_a_list": (b'{"question": ["q"], "answer": "3"}', "question_not_text"),
+    "context_is_an_object": (
+        b'{"problem": "q", "context": {"c": 1}, "answer": "3"}',
+        "context_not_text",
+    ),
+    "nested_list_answer": (b'{"problem": "q", "answer": [[3]]}', "bad_answer"),
+    "solution_too_long": (
+        json.dumps({"problem": "q", "solution": "\\boxed{1}" * MAX_TEXT_CHARS}).encode(),
+        "solution_too_long",
+    ),
+    "gold_too_long": (
+        json.dumps({"problem": "q", "answer": "7" * (MAX_GOLD_CHARS + 1)}).encode(),
+        "gold_too_long",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BENCH_HOSTILE))
+def test_load_bench_skips_a_hostile_row_with_its_reason(tmp_path: Path, name: str):
+    line, reason = BENCH_HOSTILE[name]
+    good = json.dumps({"id": 1, "problem": "ok?", "answer": "3"}).encode()
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(b"\n".join([good, line, good]) + b"\n")
+    problems, stats = load_bench(path, "b")
+    assert [p.uid for p in problems] == ["b-1", "b-2"]  # the second id 1 is a duplicate
+    assert stats.rows == 3 and stats.kept == 2 and dict(stats.skipped) == {reason: 1}
+    assert dict(stats.replaced_ids) == {"duplicate_id": 1}
+
+
+def test_load_bench_uids_are_unique(tmp_path: Path):
+    rows = [
+        {"id": None, "problem": "a", "answer": "1"},
+        {"id": None, "problem": "b", "answer": "1"},
+        {"id": 0, "problem": "c", "answer": "1"},  # the position uid of row 0
+        {"problem": "d", "answer": "1"},
+        {"idx": 3, "problem": "e", "answer": "1"},  # row 3's position uid
+        {"id": {"x": 1}, "problem": "f", "answer": "1"},
+    ]
+    path = tmp_path / "b.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    problems, stats = load_bench(path, "b")
+    assert [p.uid for p in problems] == ["b-0", "b-1", "b-2", "b-3", "b-4", "b-5"]
+    assert dict(stats.replaced_ids) == {"null_id": 2, "duplicate_id": 2, "no_id": 1, "bad_id": 1}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(hostile_lines(), min_size=1, max_size=6))
+def test_any_bench_file_with_one_good_row_loads_and_counts_every_row(tmp_path_factory, lines):
+    path = tmp_path_factory.getbasetemp() / "property_bench.jsonl"
+    good = json.dumps({"problem": "ok?", "final_answer": ["$3$"]}).encode()
+    path.write_bytes(b"\n".join([*lines, good]) + b"\n")
+    problems, stats = load_bench(path, "b")
+    assert stats.rows == len(lines) + 1
+    assert stats.kept + sum(stats.skipped.values()) == stats.rows == len(lines) + 1
+    assert (problems[-1].question, problems[-1].gold) == ("ok?", "$3$")
+    assert len({p.uid for p in problems}) == len(problems) == stats.kept
+    for p in problems:
+        assert all(
+            isinstance(t, str) and t and valid_unicode(t) for t in (p.uid, p.question, p.gold)
+        )
+        assert len(p.gold) <= MAX_GOLD_CHARS
 
 
 def test_gold_solutions_score_100_percent(shared_data: Path, verifier: Verifier):

@@ -17,11 +17,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from capo_dist.data import load_jsonl
+from capo_dist.data import MAX_GOLD_CHARS, MAX_TEXT_CHARS, DataStats, load_jsonl, valid_unicode
 from capo_dist.evaluate import load_bench
-from capo_dist.prepare_data import main
+from capo_dist.prepare_data import RowFormat, main, read_source
 from capo_dist.rewards.answers import normalize_answer
+from tests.json_rows import hostile_lines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,6 +127,55 @@ def test_bad_rows_are_counted_per_reason(tmp_path: Path, capsys):
         ["--source", str(src), "--format", "gsm8k", "--question-key", "question", "--out", str(out)]
     )
     assert n == 1 and _rows(out) == [{"problem": "Sum?", "answer": "1000"}]
+
+
+def test_hostile_rows_are_counted_and_never_written(tmp_path: Path, capsys):
+    src = tmp_path / "hostile.jsonl"
+    lines = [
+        json.dumps({"problem": "Fine?", "solution": "so \\boxed{2}"}).encode(),
+        b'{"problem": ' + b"[" * 10_000 + b"]" * 10_000 + b', "solution": "\\\\boxed{1}"}',
+        b'{"problem": "a\\ud800", "solution": "\\\\boxed{1}"}',  # a lone surrogate
+        b'{"problem": "q", "solution": "\\\\boxed{1}", "n": ' + b"9" * 5000 + b"}",
+        b'{"problem": {"text": "q"}, "solution": "\\\\boxed{1}"}',
+        b'{"problem": "q", "solution": ["\\\\boxed{1}"]}',
+        json.dumps({"problem": "x" * (MAX_TEXT_CHARS + 1), "solution": "\\boxed{1}"}).encode(),
+        json.dumps(
+            {"problem": "q", "solution": "\\boxed{" + "1" * (MAX_GOLD_CHARS + 1) + "}"}
+        ).encode(),
+        json.dumps({"question": "q", "answer": "#### " + "1" * (MAX_GOLD_CHARS + 1)}).encode(),
+    ]
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "train.jsonl"
+    assert main(["--source", str(src), "--out", str(out)]) == 1
+    assert _rows(out) == [{"problem": "Fine?", "answer": "2"}]
+    summary = capsys.readouterr().out
+    assert "1/9 rows kept" in summary
+    for reason in (
+        "too_deeply_nested: 1",
+        "invalid_unicode: 1",
+        "bad_json: 1",
+        "problem_not_text: 1",
+        "solution_not_text: 1",
+        "problem_too_long: 1",
+        "no_boxed_answer: 1",  # a box longer than an answer can be is no box
+        "answer_too_long: 1",
+    ):
+        assert reason in summary
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(hostile_lines(), min_size=1, max_size=6))
+def test_any_source_with_one_good_row_reads_and_counts_every_row(tmp_path_factory, lines):
+    path = tmp_path_factory.getbasetemp() / "property_source.jsonl"
+    good = json.dumps({"question": "ok?", "answer": "#### 3"}).encode()
+    path.write_bytes(b"\n".join([*lines, good]) + b"\n")
+    stats = DataStats()
+    rows = list(read_source([path], RowFormat(), stats))
+    assert stats.kept + sum(stats.skipped.values()) == stats.rows == len(lines) + 1
+    assert rows[-1].problem == "ok?" and rows[-1].answer == "3" and len(rows) == stats.kept
+    for r in rows:
+        assert valid_unicode(r.problem) and valid_unicode(r.answer)
+        assert len(r.problem) <= MAX_TEXT_CHARS and 0 < len(r.answer) <= MAX_GOLD_CHARS
 
 
 def test_errors_leave_no_file(tmp_path: Path, capsys):

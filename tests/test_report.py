@@ -283,6 +283,13 @@ def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, check=True)
 
 
+def test_a_step_holding_one_problem_twice_is_refused_not_merged(tok):
+    """Responses are grouped by problem uid: one group given twice would merge into one."""
+    judged, correct = _judged(tok, GROUP, 0)
+    with pytest.raises(ValueError, match="same problem uid twice"):
+        make_experience(judged * 2, tok, correct * 2, RunConfig().capo, tok.pad_token_id)
+
+
 def test_browser_dom_shows_tokens_and_critiques(report: Path, run_dir: Path, tmp_path: Path):
     dom = _chromium(["--dump-dom", report.as_uri()], tmp_path).stdout
     page = _parse(dom)
