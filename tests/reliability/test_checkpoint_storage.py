@@ -7,6 +7,7 @@ and directory written is fsynced (os.fsync spied)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,7 +191,7 @@ def test_every_file_and_directory_is_fsynced_and_the_parent_after_each_rename(
     """os.fsync spied: every file and directory of the staged tree is fsynced before the
     rename into place, and the checkpoint directory after every rename of a re-save."""
     events: list[tuple[str, str]] = []
-    fsync, rename = os.fsync, os.rename
+    fsync, rename, rmtree = os.fsync, os.rename, shutil.rmtree
 
     def spy_fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -200,10 +201,15 @@ def test_every_file_and_directory_is_fsynced_and_the_parent_after_each_rename(
         events.append(("rename", str(dst)))
         return rename(src, dst)
 
+    def spy_rmtree(path, *args, **kwargs):
+        events.append(("rmtree", str(path)))
+        return rmtree(path, *args, **kwargs)
+
     root = tmp_path / "ckpts"
     save(root, 1, "old")
     monkeypatch.setattr(os, "fsync", spy_fsync)
     monkeypatch.setattr(os, "rename", spy_rename)
+    monkeypatch.setattr(shutil, "rmtree", spy_rmtree)
     manager = CheckpointManager(root, keep=2)
     tmp = manager.begin(1)
     (tmp / "learner" / "step9").mkdir(parents=True)
@@ -230,7 +236,10 @@ def test_every_file_and_directory_is_fsynced_and_the_parent_after_each_rename(
     assert written <= staged, f"not fsynced before the rename: {written - staged}"
     for i in renames:  # the parent is fsynced after each rename, before anything else moves
         assert events[i + 1] == ("fsync", str(root)), events[i:]
-    assert events[-1] == ("fsync", str(root))  # and after the aside is deleted
+    assert events[-2:] == [  # then the aside is deleted, and the parent fsynced again
+        ("rmtree", str(root / "step_00000001.replaced")),
+        ("fsync", str(root)),
+    ]
 
 
 def test_complete_ignores_staging_aside_and_pruned_names(tmp_path):
