@@ -84,6 +84,7 @@ def _quick(cwd: Path, timeout: int, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~130 s measured; its two calls are allowed 1200 + 300 s
 def test_quick_experiment_runs_and_its_figures_are_sane(tmp_path):
     """The README command exactly (no --out): it writes under ./outputs/capo_vs_grpo/, here
     the test's temporary directory."""
