@@ -96,9 +96,10 @@ class CheckpointManager:
 
     def begin(self, step: int) -> Path:
         """A fresh staging directory to write step `step`'s checkpoint into."""
-        if not self.dir.is_dir():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fsync_dir(self.dir.parent)
+        created = [d for d in (self.dir, *self.dir.parents) if not d.exists()]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for d in created:  # each new directory's entry in its parent
+            fsync_dir(d.parent)
         tmp = self.dir / f"step_{step:08d}{STAGING}{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()

@@ -240,6 +240,10 @@ def test_every_file_and_directory_is_fsynced_and_the_parent_after_each_rename(
         ("rmtree", str(root / "step_00000001.replaced")),
         ("fsync", str(root)),
     ]
+    # A checkpoint directory created by the first save: every new directory's parent too.
+    events.clear()
+    CheckpointManager(tmp_path / "run" / "checkpoints").begin(1)
+    assert {("fsync", str(tmp_path)), ("fsync", str(tmp_path / "run"))} <= set(events)
 
 
 def test_complete_ignores_staging_aside_and_pruned_names(tmp_path):
