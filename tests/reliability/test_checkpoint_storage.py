@@ -98,7 +98,6 @@ def test_keep_last_n_and_order(tmp_path):
 KILLED_SAVER = textwrap.dedent(
     """
     import os, signal, sys
-    from pathlib import Path
     from capo_dist import checkpoint
     root, step, keep, content, point = sys.argv[1:]
 
