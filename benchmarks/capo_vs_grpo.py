@@ -27,7 +27,8 @@ pass. Per evaluation point this script computes, from the saved responses:
                    were reached by right steps only;
 * greedy_accuracy, and accuracy per level.
 
-Outputs in `--out` (default `outputs/capo_vs_grpo/<time>`): `runs/<arm>/seed<k>/`
+Outputs in `--out` (default `outputs/capo_vs_grpo/<time>` in the current directory, as a
+Hydra run's): `runs/<arm>/seed<k>/`
 (each run's own metrics.jsonl and eval/ samples), `results.json` (every
 evaluation point of every run), `RESULTS.md` (final figures, mean ± std over
 seeds, and the change against GRPO paired by seed), `accuracy.png`,
@@ -57,7 +58,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import (
-    REPO,
     bench_build_dir,
     compose_run_config,
     machine_info,
@@ -361,9 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = replace(settings, flip_prob=args.flip_prob)
     for arm in settings.arms:
         arm_overrides(arm, settings.flip_prob)  # unknown arms fail before anything runs
-    out = args.out or REPO / "outputs" / "capo_vs_grpo" / dt.datetime.now().strftime(
-        "%Y-%m-%d_%H-%M-%S"
-    )
+    # Like a Hydra run's outputs/, relative to the current directory; absolute, since the
+    # trainer's actors (other processes, other cwd) write checkpoints under it.
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out = (args.out or Path("outputs", "capo_vs_grpo", stamp)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     quiet_ray_env()
     started = time.perf_counter()

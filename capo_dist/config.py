@@ -192,7 +192,9 @@ class TrainerConfig:
     sync: SyncConfig = field(default_factory=SyncConfig)
     # Checkpoints: every N steps (0 = only at the end), the last `keep_checkpoints`
     # kept, in `checkpoint_dir`. `resume`: none | auto (the last complete checkpoint
-    # in checkpoint_dir, if any) | a checkpoint directory.
+    # in checkpoint_dir; none there: a WARNING naming the directory, then step 0) | a
+    # checkpoint directory. The default checkpoint_dir is inside this launch's new
+    # run_dir: a re-launch that should continue sets it to a fixed path.
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     checkpoint_dir: str = "${run_dir}/checkpoints"

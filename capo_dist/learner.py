@@ -50,6 +50,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
+from capo_dist.checkpoint import fsync_tree
 from capo_dist.deepspeed_setup import (
     deepspeed_config,
     quiet_deepspeed,
@@ -553,6 +554,9 @@ class Learner:
             tag=f"step{self.step}",
             client_state={"step": self.step, "learner_config": asdict(self.config)},
         )
+        # Every rank flushes what it wrote (DeepSpeed's save ends with a barrier): on a
+        # shared filesystem only the writing node's fsync makes its shard durable.
+        fsync_tree(Path(directory))
 
     def load_checkpoint(self, directory: str) -> int:
         """Restore the latest checkpoint in `directory`; returns its step. Collective."""

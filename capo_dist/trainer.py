@@ -483,13 +483,7 @@ class Trainer:
         return self.checkpoints.commit(tmp, self.step, state)
 
     def _resume(self) -> None:
-        resume = self.cfg.trainer.resume
-        self.checkpoints.sweep_partial()
-        ckpt = (
-            self.checkpoints.latest()
-            if resume == "auto"
-            else (Path(resume) if resume != "none" else None)
-        )
+        ckpt = self.checkpoints.resume_from(self.cfg.trainer.resume)
         if ckpt is None:
             return
         state = read_driver_state(ckpt)

@@ -3,6 +3,7 @@ pipeline end to end and its figures are sane. Who wins is not tested."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from benchmarks._common import last_json_line
 from benchmarks.capo_vs_grpo import FULL, arm_overrides, mean_std, summarize
 
 REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
 
 
 def test_every_arm_differs_only_in_the_reward():
@@ -59,10 +61,22 @@ def test_summary_pairs_each_arm_with_grpo_by_seed():
     assert "accuracy_vs_grpo" not in s["grpo"]
 
 
-def _quick(out: Path, timeout: int) -> subprocess.CompletedProcess:
+README_QUICK = "python -m benchmarks.capo_vs_grpo --quick"  # as the README shows it
+
+
+def _quick(cwd: Path, timeout: int, *extra: str) -> subprocess.CompletedProcess:
+    """The README's command, run in `cwd` (this checkout importable through PYTHONPATH)."""
+    assert f"`{README_QUICK.removesuffix(' --quick')}` (`--quick`" in README.read_text()
+    python, *args = README_QUICK.split()
+    assert python == "python"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     return subprocess.run(
-        [sys.executable, "-m", "benchmarks.capo_vs_grpo", "--quick", "--out", str(out)],
-        cwd=REPO,
+        [sys.executable, *args, *extra],
+        cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -70,12 +84,16 @@ def _quick(out: Path, timeout: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~130 s measured; its two calls are allowed 1200 + 300 s
 def test_quick_experiment_runs_and_its_figures_are_sane(tmp_path):
-    out = tmp_path / "exp"
-    proc = _quick(out, timeout=1200)
+    """The README command exactly (no --out): it writes under ./outputs/capo_vs_grpo/, here
+    the test's temporary directory."""
+    proc = _quick(tmp_path, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     figures = last_json_line(proc.stdout)
     assert figures["benchmark"] == "capo_vs_grpo" and figures["failed"] == {}
+    out = Path(figures["out"])
+    assert out.parent == tmp_path / "outputs" / "capo_vs_grpo"
     results = json.loads((out / "results.json").read_text())
     curves, train = results["curves"], results["train"]
     assert set(curves) == {"grpo", "noisy_majority"}
@@ -103,7 +121,7 @@ def test_quick_experiment_runs_and_its_figures_are_sane(tmp_path):
     for png in ("accuracy.png", "clean_correct.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second call with the same --out reuses the finished runs instead of re-training.
-    again = _quick(out, timeout=300)
+    again = _quick(tmp_path, 300, "--out", str(out.relative_to(tmp_path)))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[capo_vs_grpo] grpo seed 1" not in again.stdout
     assert json.loads((out / "results.json").read_text())["curves"] == curves

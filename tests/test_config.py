@@ -47,6 +47,13 @@ def test_experiments_compose(name):
         assert cfg.data.chat_template is False
     else:
         assert cfg.data.chat_template is True and cfg.model.path.endswith("-Instruct")
+    # A paper run of hundreds of steps checkpoints along the way; the 3-step CPU default and
+    # the rehearsal (a mid-run checkpoint would turn off the overlap it checks) at the end only.
+    if name == "tiny_cpu":
+        assert cfg.trainer.checkpoint_every == 0
+    else:
+        assert 0 < cfg.trainer.checkpoint_every <= cfg.trainer.total_steps // 10
+        assert load(f"+experiment={name}", "+rehearsal=cpu").trainer.checkpoint_every == 0
 
 
 def test_contract_keys_exist():

@@ -116,4 +116,6 @@ def test_any_text_is_judged_quickly_without_error(text):
 def test_huge_step_is_bounded():
     start = time.perf_counter()
     step_is_correct("1+" * 200_000 + "1 = 3 " + "(" * 10_000)
-    assert time.perf_counter() - start < 3
+    # 2.1-2.5 s measured on 2 loaded cores (linear, ~10 us a character): the bound only
+    # separates bounded from quadratic (hours on this 410 KB input)
+    assert time.perf_counter() - start < 30

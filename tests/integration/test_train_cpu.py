@@ -101,6 +101,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.timeout(900)  # ~70 s measured; its launch subprocess is allowed 600 s
 def test_openai_judge_against_vllm_server(tmp_path, model_build_dir):
     """The HTTP judge backend against vLLM's own OpenAI-compatible server on loopback."""
     cfg = compose_run(tmp_path, model_build_dir)

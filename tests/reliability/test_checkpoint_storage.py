@@ -1,17 +1,27 @@
 """Storage faults while saving a checkpoint never damage the last good one, and resume picks
-the last complete checkpoint: a save killed mid-write (SIGKILL), and a full disk (the
-writer's file-size limit, RLIMIT_FSIZE, makes writes fail with EFBIG as on a full volume)."""
+the last complete checkpoint: a save killed mid-write (SIGKILL), a full disk (the
+writer's file-size limit, RLIMIT_FSIZE, makes writes fail with EFBIG as on a full volume),
+a re-save or a pruning killed at each point between its durable steps (the module's
+test-only `fault_hook`, set in a child process that SIGKILLs itself there), and every file
+and directory written is fsynced (os.fsync spied)."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
+import pytest
 import torch
 
+from capo_dist import checkpoint
 from capo_dist.checkpoint import CheckpointManager, read_driver_state
+
+REPO = Path(__file__).resolve().parents[2]
 
 WRITER = textwrap.dedent(
     """
@@ -46,7 +56,7 @@ def assert_last_good_intact(root, good):
     assert manager.latest() == good
     assert read_driver_state(good)["step"] == 1
     assert torch.equal(torch.load(good / "state.pt", weights_only=True)["w"], torch.arange(10.0))
-    swept = manager.sweep_partial()
+    swept = manager.recover()
     assert len(swept) == 1 and ".tmp-" in swept[0].name
     assert [p.name for p in root.iterdir()] == [good.name]
 
@@ -78,3 +88,181 @@ def test_keep_last_n_and_order(tmp_path):
         manager.commit(manager.begin(step), step, {"step": step})
     assert [p.name for p in manager.complete()] == ["step_00000003", "step_00000010"]
     assert json.loads((manager.latest() / "driver_state.json").read_text())["step"] == 10
+
+
+# ----------------------------------------------------- a re-save or a pruning killed mid-way
+
+# Saves step `step` (a nested tree like DeepSpeed's, tagged `content`) with keep=`keep`, and
+# SIGKILLs itself at fault point `point`. At "removing" it first deletes all but
+# driver_state.json of the directory being removed: a deletion cut short.
+KILLED_SAVER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from capo_dist import checkpoint
+    root, step, keep, content, point = sys.argv[1:]
+
+    def hook(name, path):
+        if name != point:
+            return
+        if name == "removing":
+            for f in sorted(path.rglob("*"), reverse=True):
+                if f.is_file() and f.name != checkpoint.DRIVER_STATE:
+                    f.unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.fault_hook = hook
+    manager = checkpoint.CheckpointManager(root, keep=int(keep))
+    tmp = manager.begin(int(step))
+    (tmp / "learner" / "step9").mkdir(parents=True)
+    (tmp / "learner" / "step9" / "shard.pt").write_text(content)
+    (tmp / "learner" / "latest").write_text("step9")
+    manager.commit(tmp, int(step), {"step": int(step), "content": content})
+    print("finished")
+    """
+)
+
+
+def save(root: Path, step: int, content: str, keep: int = 2) -> Path:
+    manager = CheckpointManager(root, keep=keep)
+    tmp = manager.begin(step)
+    (tmp / "learner" / "step9").mkdir(parents=True)
+    (tmp / "learner" / "step9" / "shard.pt").write_text(content)
+    return manager.commit(tmp, step, {"step": step, "content": content})
+
+
+def save_killed_at(root: Path, step: int, content: str, point: str, keep: int = 2) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_SAVER, str(root), str(step), str(keep), content, point],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
+
+
+def resumed(root: Path, keep: int = 2) -> tuple[list[str], str]:
+    """What a resume sees: the complete checkpoints after recovery, and the one it loads."""
+    manager = CheckpointManager(root, keep=keep)
+    chosen = manager.resume_from("auto")
+    assert chosen is not None
+    state = read_driver_state(chosen)
+    assert (chosen / "learner" / "step9" / "shard.pt").read_text() == state["content"]
+    assert sorted(p.name for p in root.iterdir()) == [p.name for p in manager.complete()]
+    return [p.name for p in manager.complete()], state["content"]
+
+
+@pytest.mark.parametrize(
+    ("point", "survivor"),
+    [
+        ("staged", "old"),  # the new one written, nothing renamed yet
+        ("set_aside", "old"),  # between the two renames: only the aside holds step 1
+        ("committed", "new"),  # the new one in place, the aside not yet deleted
+        ("removing", "new"),  # the aside half-deleted
+    ],
+)
+def test_resave_killed_at_every_point_keeps_a_complete_checkpoint(tmp_path, point, survivor):
+    save(tmp_path, 1, "old")
+    save_killed_at(tmp_path, 1, "new", point)
+    if point == "set_aside":  # the crash left no directory named step_00000001
+        assert CheckpointManager(tmp_path).complete() == []
+    assert resumed(tmp_path) == (["step_00000001"], survivor)
+
+
+def test_pruning_killed_mid_delete_leaves_nothing_that_looks_complete(tmp_path):
+    save(tmp_path, 1, "one", keep=1)
+    save_killed_at(tmp_path, 2, "two", "removing", keep=1)
+    # step 1's deletion was cut short with its driver_state.json still there: not listed
+    assert [p.name for p in CheckpointManager(tmp_path, keep=1).complete()] == ["step_00000002"]
+    assert resumed(tmp_path, keep=1) == (["step_00000002"], "two")
+
+
+# ------------------------------------------------------------------------------- fsync
+
+
+def test_every_file_and_directory_is_fsynced_and_the_parent_after_each_rename(
+    tmp_path, monkeypatch
+):
+    """os.fsync spied: every file and directory of the staged tree is fsynced before the
+    rename into place, and the checkpoint directory after every rename of a re-save."""
+    events: list[tuple[str, str]] = []
+    fsync, rename, rmtree = os.fsync, os.rename, shutil.rmtree
+
+    def spy_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def spy_rename(src, dst):
+        events.append(("rename", str(dst)))
+        return rename(src, dst)
+
+    def spy_rmtree(path, *args, **kwargs):
+        events.append(("rmtree", str(path)))
+        return rmtree(path, *args, **kwargs)
+
+    root = tmp_path / "ckpts"
+    save(root, 1, "old")
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "rename", spy_rename)
+    monkeypatch.setattr(shutil, "rmtree", spy_rmtree)
+    manager = CheckpointManager(root, keep=2)
+    tmp = manager.begin(1)
+    (tmp / "learner" / "step9").mkdir(parents=True)
+    (tmp / "learner" / "step9" / "shard.pt").write_text("new")
+    (tmp / "learner" / "latest").write_text("step9")
+    manager.commit(tmp, 1, {"step": 1})
+
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    assert [events[i][1] for i in renames] == [
+        str(root / "step_00000001.replaced"),
+        str(root / "step_00000001"),
+    ]
+    staged = {Path(p) for kind, p in events[: renames[0]] if kind == "fsync"}
+    written = {  # as named while staged
+        tmp,
+        tmp / "learner",
+        tmp / "learner" / "step9",
+        tmp / "learner" / "step9" / "shard.pt",
+        tmp / "learner" / "latest",
+        tmp / checkpoint.DRIVER_STATE,
+    }
+    final = root / "step_00000001"
+    assert {tmp, *(tmp / p.relative_to(final) for p in final.rglob("*"))} == written
+    assert written <= staged, f"not fsynced before the rename: {written - staged}"
+    for i in renames:  # the parent is fsynced after each rename, before anything else moves
+        assert events[i + 1] == ("fsync", str(root)), events[i:]
+    assert events[-2:] == [  # then the aside is deleted, and the parent fsynced again
+        ("rmtree", str(root / "step_00000001.replaced")),
+        ("fsync", str(root)),
+    ]
+    # A checkpoint directory created by the first save: every new directory's parent too.
+    events.clear()
+    CheckpointManager(tmp_path / "run" / "checkpoints").begin(1)
+    assert {("fsync", str(tmp_path)), ("fsync", str(tmp_path / "run"))} <= set(events)
+
+
+def test_complete_ignores_staging_aside_and_pruned_names(tmp_path):
+    save(tmp_path, 3, "three")
+    for name in ("step_00000004.tmp-1", "step_00000005.replaced", "step_00000006.pruned"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / checkpoint.DRIVER_STATE).write_text("{}")
+    assert [p.name for p in CheckpointManager(tmp_path).complete()] == ["step_00000003"]
+
+
+# ------------------------------------------------------------------ resume=auto finds nothing
+
+
+def test_resume_auto_with_no_checkpoint_warns_naming_the_directory(tmp_path, capsys):
+    manager = CheckpointManager(tmp_path / "run" / "checkpoints")
+    assert manager.resume_from("auto") is None
+    err = capsys.readouterr().err
+    assert "WARNING" in err and str(manager.dir) in err and "trainer.checkpoint_dir" in err
+    assert manager.resume_from("none") is None
+    assert capsys.readouterr().err == ""  # resume=none starting fresh is no surprise
+    save(manager.dir, 2, "two")
+    assert manager.resume_from("auto") == manager.dir / "step_00000002"
+    assert capsys.readouterr().err == ""

@@ -356,4 +356,5 @@ def test_verifier_never_raises_and_is_bounded(verifier, response, gold):
     extract_answer(response)
     (ok,) = verifier.check_many([response], [gold])
     assert isinstance(ok, bool)
-    assert time.perf_counter() - start < 6.0  # the hard limit is 2 s per side
+    # the hard limit bounds each side; 5 s of slack for a loaded machine (measured: ~0.05 s)
+    assert time.perf_counter() - start < 2 * verifier.timeout_s + 5.0

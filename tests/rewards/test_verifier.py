@@ -12,6 +12,11 @@ import pytest
 from capo_dist.rewards.answers import normalize_answer, parse_number
 from capo_dist.rewards.verifier import Verifier, extract_answer, gold_answer, is_correct
 
+# Time a check may take beyond the verifier's hard limit (`timeout_s`: the worker is killed
+# then). Measured: ~0.05 s; generous for a loaded 2-core machine. A check that ignored the
+# limit (a quadratic scan, a hung worker never killed) takes far longer.
+SLACK_S = 5.0
+
 
 @pytest.fixture(scope="module")
 def verifier():
@@ -191,11 +196,11 @@ def test_hostile_answers_false_fast_and_harmless(verifier, tmp_path, name):
     response = _hostile(str(marker))[name]
     start = time.perf_counter()
     assert verifier.check(response, "3") is False
-    assert time.perf_counter() - start < 3.0
+    assert time.perf_counter() - start < verifier.timeout_s + SLACK_S
     # hostile text as the gold answer is handled the same way
     start = time.perf_counter()
     assert verifier.check("\\boxed{3}", response) is False
-    assert time.perf_counter() - start < 3.0
+    assert time.perf_counter() - start < verifier.timeout_s + SLACK_S
     assert not marker.exists()
 
 
@@ -206,7 +211,7 @@ def test_hung_worker_is_killed_at_the_hard_limit(verifier):
         os.kill(w.proc.pid, signal.SIGSTOP)
     start = time.perf_counter()
     assert verifier.check("\\boxed{y+2}", "2+y") is False  # would be True: it timed out
-    assert time.perf_counter() - start < 3.0
+    assert time.perf_counter() - start < verifier.timeout_s + SLACK_S
     assert verifier.stats.timeouts == before["timeouts"] + 1
     assert verifier.stats.restarts >= before["restarts"] + 1
     for w in verifier._workers:  # the other one may still be stopped
