@@ -278,11 +278,13 @@ README_EVAL = (
 
 def test_cli(shared_data: Path, tiny_model: str, tmp_path: Path):
     """The README's evaluation command (DIR = a tiny model), from the repo root, with quick
-    flags appended and one more bench holding a row without a gold answer."""
+    flags appended and one more bench holding a row without a gold answer. `--backend hf`
+    among them: vLLM's engine start costs ~40 s more here (tests/engines test that engine)."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "What is 1 + 1?", "answer": 2}\n{"problem": "no gold"}\n')
     out = tmp_path / "out"
     quick = ["--k", "2", "--max-new-tokens", "6", "--limit", "2", "--out", str(out)]
+    quick += ["--backend", "hf"]
     argv = readme_argv(README_EVAL.replace("DIR", tiny_model), "--bench", f"tiny={bad}", *quick)
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

@@ -132,7 +132,7 @@ REGISTRY: dict[str, RunBy | NotRun] = {
     "--k 4 --temperature 0.6 --max-new-tokens 3000 --out evals/step500": RunBy(
         ("tests/test_evaluate.py::test_cli",),
         "DIR = a tiny model; quick flags appended (--k 2 --max-new-tokens 6 --limit 2, one "
-        "more --bench, --out <tmp>)",
+        "more --bench, --out <tmp>, --backend hf: vLLM's start costs ~40 s more)",
     ),
     "python -m capo_dist.report outputs/<name>/<time>": RunBy(
         ("tests/test_report.py::test_report_page_structure_without_a_browser",),
