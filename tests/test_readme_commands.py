@@ -91,10 +91,10 @@ REGISTRY: dict[str, RunBy | NotRun] = {
     "python -m capo_dist.launch capo.w_process=0": RunBy(
         (TRAIN_CPU + "test_grpo_baseline_skips_the_judge",), "quick overrides appended"
     ),
-    "python -m capo_dist.launch -m capo.vote=intersection,majority,union,average": NotRun(
-        "its four jobs are four end-to-end runs (~25 s each on 2 cores) and the suite is at its "
-        "budget: tests/integration/test_train_cpu.py::test_sweep_two_vote_modes runs the same "
-        "sweep with two of the four values"
+    "python -m capo_dist.launch -m capo.vote=intersection,majority,union,average": RunBy(
+        (TRAIN_CPU + "test_sweep_two_vote_modes",),
+        "capo.vote=intersection,majority appended (Hydra keeps a key's last value): 2 of its 4 "
+        "jobs run, each an end-to-end run the suite's budget has no room for",
     ),
     "python -m capo_dist.launch +experiment=llama3b_intersection --cfg job": RunBy((CFG_JOB,)),
     "python -m capo_dist.launch +experiment=llama3b_intersection +rehearsal=cpu": RunBy(

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from capo_dist.engines import make_engine
 from capo_dist.trainer import Trainer, load_problems, prepare_policy
-from tests.runs import FAST, compose_run, launch, read_metrics
+from tests.runs import FAST, compose_run, launch, read_metrics, readme_argv
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,7 @@ VLLM_LOG_LINE = re.compile(r"(INFO|WARNING) \d\d-\d\d \d\d:\d\d:\d\d \[\w+\.py:\
 README_MAKE_RUN = "make run"
 README_MAJORITY = "python -m capo_dist.launch trainer.total_steps=10 capo.vote=majority"
 README_GRPO = "python -m capo_dist.launch capo.w_process=0"
+README_SWEEP = "python -m capo_dist.launch -m capo.vote=intersection,majority,union,average"
 
 
 def train(tmp_path: Path, build_dir: Path, *overrides: str) -> list[dict]:
@@ -199,19 +200,18 @@ def test_grpo_baseline_skips_the_judge(tmp_path, model_build_dir):
 
 
 def test_sweep_two_vote_modes(tmp_path, model_build_dir):
-    """`-m capo.vote=intersection,majority`: one run directory with metrics each."""
+    """The README's sweep over the four vote modes with `capo.vote=intersection,majority`
+    appended (Hydra keeps a key's last value: two jobs, not four end-to-end runs): one run
+    directory with metrics each."""
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "capo_dist.launch",
-            "-m",
+        readme_argv(
+            README_SWEEP,
             "capo.vote=intersection,majority",
             "rollout.backend=hf",
             f"model.build_dir={model_build_dir}",
             f"hydra.sweep.dir={tmp_path}",
             *FAST,
-        ],
+        ),
         capture_output=True,
         text=True,
         timeout=600,
