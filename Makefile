@@ -52,7 +52,7 @@ format: install
 	$(PY) -m ruff format capo_dist tests benchmarks
 
 bench: install
-	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.run_all $(ARGS)
 
 # CPU rehearsal of every cluster experiment through its cluster code paths (README
 # "From laptop to cluster"); prints each one's wall time.

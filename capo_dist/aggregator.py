@@ -12,6 +12,7 @@ import time
 import ray
 
 from capo_dist import telemetry
+from capo_dist.actor_logs import redirect_output
 from capo_dist.config import CapoConfig
 from capo_dist.experience import Experience, make_experience
 from capo_dist.tokenization import pad_token_id
@@ -22,7 +23,14 @@ from capo_dist.types import JudgedRollout, Rollout
 class RewardAggregator:
     """Turns whole groups of judged rollouts into an `Experience` for the learner."""
 
-    def __init__(self, cfg: CapoConfig, tokenizer_path: str, verifier_timeout_s: float = 3.0):
+    def __init__(
+        self,
+        cfg: CapoConfig,
+        tokenizer_path: str,
+        verifier_timeout_s: float = 3.0,
+        log_file: str | None = None,
+    ):
+        redirect_output(log_file)  # first (capo_dist.actor_logs)
         from transformers import AutoTokenizer
 
         from capo_dist.rewards.verifier import Verifier

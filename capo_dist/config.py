@@ -228,6 +228,9 @@ class LoggingConfig:
     # Per-response records (`samples/step_XXXXXX.jsonl`) every this many steps; 0 = never.
     samples_every: int = 1
     samples_per_step: int = 16
+    # false: the roles' output (vLLM, DeepSpeed, Ray workers) goes to <run_dir>/logs/<role>.log
+    # and the terminal shows the progress bar and capo_dist's messages; true: all on the terminal.
+    verbose: bool = False
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Protocol
 import ray
 
 from capo_dist import telemetry
+from capo_dist.actor_logs import redirect_output
 from capo_dist.config import JudgeConfig
 from capo_dist.rewards.critique import build_critique_prompt
 from capo_dist.rewards.steps import split_steps
@@ -177,7 +178,9 @@ class JudgeWorker:
         policy_model_path: str,
         seed: int,
         engine_kwargs: dict | None = None,
+        log_file: str | None = None,
     ):
+        redirect_output(log_file)  # first: the engine's output goes there (actor_logs)
         self.cfg = cfg
         self.n = num_critiques
         if cfg.backend == "symbolic":

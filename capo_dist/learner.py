@@ -50,6 +50,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
+from capo_dist.actor_logs import redirect_output
 from capo_dist.checkpoint import fsync_tree
 from capo_dist.deepspeed_setup import (
     deepspeed_config,
@@ -144,7 +145,9 @@ class Learner:
         world_size: int,
         master_addr: str,
         master_port: int,
+        log_file: str | None = None,
     ) -> None:
+        redirect_output(log_file)  # first: DeepSpeed's output goes there (actor_logs)
         self.config = config
         self.rank = rank
         self.world_size = world_size

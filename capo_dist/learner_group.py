@@ -72,9 +72,11 @@ class LearnerGroup:
         num_learners: int = 1,
         name: str = "learner",
         group: PlacementGroup | None = None,
+        log_dir: str | None = None,
     ) -> None:
         """`group`: a placement group already reserved for the ranks (one bundle each,
-        as `capo_dist.placement` makes it); None reserves one here."""
+        as `capo_dist.placement` makes it); None reserves one here. `log_dir`: rank i
+        writes its output to `log_dir/<name>-<i>.log` (None: to Ray, as usual)."""
         self.config = config
         self.world_size = num_learners
         if group is None:
@@ -92,7 +94,14 @@ class LearnerGroup:
                 num_cpus=config.num_cpus_per_learner,
                 num_gpus=config.num_gpus_per_learner,
                 scheduling_strategy=self._bundle(i),
-            ).remote(config, i, num_learners, addr, port)
+            ).remote(
+                config,
+                i,
+                num_learners,
+                addr,
+                port,
+                log_file=f"{log_dir}/{name}-{i}.log" if log_dir else None,
+            )
             for i in range(num_learners)
         ]
         try:

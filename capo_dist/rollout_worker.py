@@ -14,6 +14,7 @@ import time
 import ray
 
 from capo_dist import telemetry
+from capo_dist.actor_logs import redirect_output
 from capo_dist.config import RolloutConfig
 from capo_dist.tokenization import policy_prompt_ids, require_chat_template
 from capo_dist.types import Problem, Rollout, SamplingSpec
@@ -32,8 +33,11 @@ class RolloutWorker:
         seed: int,
         engine_kwargs: dict | None = None,
         chat_template: bool = False,
+        log_file: str | None = None,
     ):
-        """`chat_template` (data.chat_template): prompts go through the policy's chat template."""
+        """`chat_template` (data.chat_template): prompts go through the policy's chat template;
+        `log_file`: where this actor's output goes (capo_dist.actor_logs)."""
+        redirect_output(log_file)
         from capo_dist.engines import make_engine
 
         if chat_template:  # before the engine loads the model

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from capo_dist import telemetry
+from capo_dist.actor_logs import role_log_file
 from capo_dist.aggregator import RewardAggregator
 from capo_dist.checkpoint import CheckpointManager, read_driver_state
 from capo_dist.config import RunConfig, validate
@@ -134,15 +135,17 @@ def init_ray(cfg: RunConfig) -> None:
     CPUs for every role."""
     if ray.is_initialized():
         return
+    # Worker output (vLLM, DeepSpeed) goes to <run_dir>/logs unless logging.verbose.
+    log_to_driver = cfg.logging.verbose
     address = cluster_address(cfg)
     if address:
         # A running cluster brings its own resources, dashboard and metrics port:
         # Ray refuses num_cpus/num_gpus here and ignores the dashboard options.
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         return
     rollout_cpus = cfg.rollout.num_workers * math.ceil(cfg.rollout.num_cpus_per_worker)
     roles = rollout_cpus + cfg.judge.num_workers + 1 + cfg.trainer.num_learners
-    kwargs = dict(include_dashboard=cfg.ray.dashboard, log_to_driver=True)
+    kwargs = dict(include_dashboard=cfg.ray.dashboard, log_to_driver=log_to_driver)
     if cfg.ray.dashboard:
         kwargs["dashboard_host"] = cfg.ray.dashboard_host
     if cfg.ray.metrics_export_port:
@@ -222,8 +225,14 @@ class Trainer:
 
     # ----------------------------------------------------------------- roles
 
+    def _log_file(self, role: str) -> str | None:
+        return role_log_file(self.run_dir, role, self.cfg.logging.verbose)
+
     def _start_roles(self) -> None:
         cfg = self.cfg
+        if not cfg.logging.verbose:
+            logs = self.run_dir / "logs"
+            print(f"[capo_dist] roles' logs (vLLM, DeepSpeed): {logs} (logging.verbose=true: here)")
         self.rollout = []
         for i in range(cfg.rollout.num_workers):
             opts, engine_kwargs = self.plan.actor_options(f"rollout-{i}")
@@ -238,6 +247,7 @@ class Trainer:
                     cfg.trainer.seed * 1000 + i,
                     engine_kwargs,
                     chat_template=cfg.data.chat_template,
+                    log_file=self._log_file(f"rollout-{i}"),
                 )
             )
         self.judges = []
@@ -250,10 +260,11 @@ class Trainer:
                     self.model_path,
                     cfg.trainer.seed * 1000 + i,
                     engine_kwargs,
+                    log_file=self._log_file(f"judge-{i}"),
                 )
             )
         self.aggregator = RewardAggregator.options(name="aggregator", num_cpus=1).remote(
-            cfg.capo, self.model_path
+            cfg.capo, self.model_path, log_file=self._log_file("aggregator")
         )
         t = cfg.trainer
         self.learners = LearnerGroup(
@@ -276,6 +287,7 @@ class Trainer:
             ),
             num_learners=t.num_learners,
             group=self.plan.learner_group,
+            log_dir=None if cfg.logging.verbose else str(self.run_dir / "logs"),
         )
 
     # ------------------------------------------------------------ collection

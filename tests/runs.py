@@ -1,6 +1,10 @@
-"""Helpers for end-to-end runs: compose the real Hydra config of a fast CPU run, read its metrics."""
+"""Helpers for end-to-end runs: compose the real Hydra config of a fast CPU run, or launch a
+README command as a user types it; read its metrics."""
 
 import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -8,7 +12,8 @@ from omegaconf import OmegaConf
 
 from capo_dist.config import RunConfig
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+REPO = Path(__file__).resolve().parents[1]
+CONF = str(REPO / "conf")
 
 # Small and fast on 2 cores; everything else is the tiny_cpu default.
 FAST = [
@@ -31,3 +36,28 @@ def compose_run(run_dir: Path, build_dir: Path, *overrides: str) -> RunConfig:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def readme_argv(command: str, *quick: str) -> list[str]:
+    """The argv of a command shown in README.md, as a shell runs it from the repo root, with
+    `quick` arguments appended: `python` is this interpreter (the project's venv), and a
+    `make` target takes them as ARGS (the README's `make run ARGS="..."`)."""
+    argv = shlex.split(command)
+    if argv[0] == "python":
+        argv[0] = sys.executable
+    if argv[0] == "make":
+        return [*argv, f"ARGS={' '.join(quick)}"] if quick else argv
+    return [*argv, *quick]
+
+
+def launch(
+    command: str, run_dir: Path, build_dir: Path, *overrides: str, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Run a README training command (`python -m capo_dist.launch ...` or `make run`) with the
+    fast settings appended, into `run_dir`; fails the test with the output's tail if it fails."""
+    quick = [*FAST, f"model.build_dir={build_dir}", f"hydra.run.dir={run_dir}", *overrides]
+    proc = subprocess.run(
+        readme_argv(command, *quick), cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc

@@ -5,11 +5,11 @@ No timing is asserted anywhere: benchmarks measure, tests only check that they w
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from benchmarks._common import last_json_line, machine_info
 from benchmarks.run_all import BENCHMARKS, goals, headline
+from tests.runs import readme_argv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,13 +51,14 @@ def test_goals_and_headlines_read_the_json_shapes():
     assert goals("vs_trl", trl) == [("capo_dist/TRL samples/s ≥ 1.0", True)]
 
 
+README_BENCH = "make bench"
+
+
 def test_run_all_quick_on_the_cheapest_benchmark(tmp_path):
+    """The README's `make bench`, with smoke sizes of its cheapest benchmark as ARGS."""
     out = tmp_path / "RESULTS.md"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run_all", "--quick", "--only", "reward_pipeline",
-         "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    argv = readme_argv(README_BENCH, "--quick", "--only", "reward_pipeline", "--out", str(out))
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert "## reward_pipeline" in text and "torch" in text

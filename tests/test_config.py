@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from capo_dist.config import ConfigError, RunConfig, validate, validate_resources
 from capo_dist.placement import NodeResources, check_nodes, role_demands
+from tests.runs import REPO, readme_argv
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 EXPERIMENTS = [
@@ -180,10 +181,22 @@ def _launch(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+README_CFG_JOB = "python -m capo_dist.launch +experiment=llama3b_intersection --cfg job"
+README_CLUSTER = "python -m capo_dist.launch +experiment=llama3b_intersection ray.address=auto"
+
+
 def test_cfg_job_prints_without_starting_anything():
-    out = _launch("+experiment=llama3b_intersection", "--cfg", "job")
+    """The README's `--cfg job` line, and its cluster line with `--cfg job` appended (the
+    run itself needs the GPU cluster; this shows that it composes)."""
+    out = subprocess.run(
+        readme_argv(README_CFG_JOB), capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "Qwen/Qwen2.5-72B-Instruct" in out.stdout and "tensor_parallel_size: 4" in out.stdout
+    argv = readme_argv(README_CLUSTER, "--cfg", "job")
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "address: auto" in out.stdout and "Llama-3.2-3B-Instruct" in out.stdout
 
 
 def test_bad_config_fails_before_any_actor(tmp_path):

@@ -26,6 +26,7 @@ from capo_dist.metrics import MetricsLogger
 from capo_dist.models import train_tokenizer
 from capo_dist.report import ResponseRecord, build_report, reward_colour
 from capo_dist.types import Completion, JudgedRollout, Problem, Rollout
+from tests.runs import REPO, readme_argv
 
 CHROMIUM = Path("/usr/bin/chromium")
 INJECTION = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
@@ -124,9 +125,17 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, tok) -> Path:
     return run
 
 
+README_REPORT = "python -m capo_dist.report outputs/<name>/<time>"
+
+
 @pytest.fixture(scope="module")
 def report(run_dir: Path) -> Path:
-    return build_report(run_dir)
+    """The page the README's command writes for `run_dir`."""
+    argv = readme_argv(README_REPORT.replace("outputs/<name>/<time>", str(run_dir)))
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f"[report] wrote {run_dir / 'report.html'}" in proc.stdout
+    return run_dir / "report.html"
 
 
 def _samples(run_dir: Path, step: int) -> list[dict]:

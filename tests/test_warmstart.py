@@ -1,7 +1,10 @@
 """Warm start: flawed SFT solutions, a deterministic cached build, the prompt-free loss mask."""
 
+import json
 import random
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from capo_dist.data import synthetic_arith
 from capo_dist.models import TinyModelSpec
 from capo_dist.step_checker import step_is_correct
 from capo_dist.warmstart import WarmStartConfig, corrupt_solution, encode_example, warm_start
+from tests.runs import REPO, readme_argv
 
 PROBLEMS = synthetic_arith(400, seed=11, min_ops=1, max_ops=3)
 # A budget of seconds: one 64-wide layer, a few steps, two eval problems.
@@ -88,10 +92,26 @@ def test_corruption_is_deterministic_for_a_seeded_rng():
     assert draw(3) != draw(4)
 
 
+README_SFT = "python -m capo_dist.experiments.arith sft"
+
+
 @pytest.fixture(scope="module")
 def tiny_policy(tmp_path_factory):
-    """One tiny warm-started policy (a few SFT steps) shared by the build tests."""
-    return warm_start(tmp_path_factory.mktemp("a"), TINY)
+    """One tiny warm-started policy (a few SFT steps) shared by the build tests, built by the
+    README's command with TINY's sizes appended (test_build_is_deterministic checks that the
+    in-process build of TINY is the same policy)."""
+    quick = ["--out-dir", str(tmp_path_factory.mktemp("a"))]
+    for prefix, fields, defaults in (
+        ("", TINY, WarmStartConfig()),
+        ("model-", TINY.spec, WarmStartConfig().spec),
+    ):
+        for name, value in vars(fields).items():  # the sizes TINY changes
+            if isinstance(value, int | float | str) and value != getattr(defaults, name):
+                quick += [f"--{prefix}{name.replace('_', '-')}", str(value)]
+    argv = readme_argv(README_SFT, *quick)
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return Path(json.loads(proc.stdout[proc.stdout.index("{") :])["model"])
 
 
 def test_build_is_deterministic(tiny_policy, tmp_path):

@@ -2,6 +2,7 @@
 gloo), vLLM's CPU build and Hugging Face engines, every judge backend."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from capo_dist.engines import make_engine
 from capo_dist.trainer import Trainer, load_problems, prepare_policy
-from tests.runs import FAST, compose_run, read_metrics
+from tests.runs import FAST, compose_run, launch, read_metrics, readme_argv
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +32,13 @@ CONTRACT_METRICS = {
     "time_train",
     "time_sync",
 }
+# A line vLLM logs, e.g. `INFO 12-01 17:06:48 [core.py:133] Initializing a V1 LLM engine`.
+VLLM_LOG_LINE = re.compile(r"(INFO|WARNING) \d\d-\d\d \d\d:\d\d:\d\d \[\w+\.py:\d+\]")
+# README commands these tests run, as written, with quick overrides appended.
+README_MAKE_RUN = "make run"
+README_MAJORITY = "python -m capo_dist.launch trainer.total_steps=10 capo.vote=majority"
+README_GRPO = "python -m capo_dist.launch capo.w_process=0"
+README_SWEEP = "python -m capo_dist.launch -m capo.vote=intersection,majority,union,average"
 
 
 def train(tmp_path: Path, build_dir: Path, *overrides: str) -> list[dict]:
@@ -53,8 +61,11 @@ def check_step(record: dict) -> None:
 
 
 def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir):
-    """Two vLLM engines synced through the collective path (gloo), one step of overlap."""
-    records = train(
+    """Two vLLM engines synced through the collective path (gloo), one step of overlap;
+    launched as the README's `make run ARGS="..."`, whose terminal shows the progress bar
+    while the engines' own logs go to the run directory."""
+    proc = launch(
+        README_MAKE_RUN,
         tmp_path,
         model_build_dir,
         "trainer.total_steps=2",
@@ -64,6 +75,16 @@ def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir):
         "rollout.kv_cache_space_gib=0.1",
         "trainer.sync.transport=gloo",
     )
+    terminal = proc.stdout + proc.stderr
+    assert "2/2" in terminal and "[capo_dist] done: 2 steps" in terminal  # bar, our messages
+    assert not VLLM_LOG_LINE.search(terminal), VLLM_LOG_LINE.search(terminal).group(0)
+    assert "(RolloutWorker pid=" not in terminal and "(Learner pid=" not in terminal
+    logs = tmp_path / "logs"
+    for i in range(2):
+        assert VLLM_LOG_LINE.search((logs / f"rollout-{i}.log").read_text())
+        assert (logs / f"learner-{i}.log").is_file()
+    assert {p.name for p in logs.iterdir()} >= {"judge-0.log", "aggregator.log"}
+    records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
         check_step(r)
@@ -88,8 +109,17 @@ def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir):
 
 @pytest.mark.parametrize("judge", ["hf", "vllm"])
 def test_model_judge_backends(tmp_path, model_build_dir, judge):
-    """A tiny random judge talks nonsense: its critiques are invalid and abstain, never crash."""
-    (record,) = train(tmp_path, model_build_dir, f"judge.backend={judge}", "rollout.backend=hf")
+    """A tiny random judge talks nonsense: its critiques are invalid and abstain, never crash.
+    With `logging.verbose=true` (the vLLM judge) its engine's logs come back to the terminal."""
+    verbose = [f"logging.verbose={judge == 'vllm'}"]
+    overrides = [f"judge.backend={judge}", "rollout.backend=hf", *verbose]
+    proc = launch(README_MAJORITY, tmp_path, model_build_dir, *overrides)
+    (record,) = read_metrics(tmp_path)
+    if judge == "vllm":
+        assert VLLM_LOG_LINE.search(proc.stdout + proc.stderr)
+        assert not (tmp_path / "logs").exists()
+    else:
+        assert (tmp_path / "logs" / "judge-0.log").is_file()
     check_step(record)
     assert record["judge_invalid_rate"] > 0.5
     assert record["judge_abstain_rate"] > 0.5
@@ -164,25 +194,25 @@ def test_openai_judge_against_vllm_server(tmp_path, model_build_dir):
 
 
 def test_grpo_baseline_skips_the_judge(tmp_path, model_build_dir):
-    (record,) = train(tmp_path, model_build_dir, "capo.w_process=0", "rollout.backend=hf")
+    launch(README_GRPO, tmp_path, model_build_dir, "rollout.backend=hf")
+    (record,) = read_metrics(tmp_path)
     check_step(record)
     assert record["process_penalty_rate"] == 0.0 and record["time_judge"] == 0.0
 
 
 def test_sweep_two_vote_modes(tmp_path, model_build_dir):
-    """`-m capo.vote=intersection,majority`: one run directory with metrics each."""
+    """The README's sweep over the four vote modes with `capo.vote=intersection,majority`
+    appended (Hydra keeps a key's last value: two jobs, not four end-to-end runs): one run
+    directory with metrics each."""
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "capo_dist.launch",
-            "-m",
+        readme_argv(
+            README_SWEEP,
             "capo.vote=intersection,majority",
             "rollout.backend=hf",
             f"model.build_dir={model_build_dir}",
             f"hydra.sweep.dir={tmp_path}",
             *FAST,
-        ],
+        ),
         capture_output=True,
         text=True,
         timeout=600,
