@@ -179,8 +179,10 @@ class UniqueIds:
     (non-blank, at most `MAX_ID_CHARS`) or an integer whose uid no earlier row
     has; otherwise `position_prefix` + its line number (made unique with a
     `~k` suffix in the rare case a row's own id already took that text). The
-    reason of each replacement is counted in `stats.replaced_ids`: `no_id`,
-    `null_id`, `bad_id` (another type, blank or too long), `duplicate_id`.
+    reason of each replacement is counted in `stats.replaced_ids`: `null_id`,
+    `bad_id` (another type, blank or too long), `duplicate_id`. A file without
+    an id column (GSM8K) is identified by row position throughout; that is
+    not a replacement and is not counted.
     """
 
     def __init__(self, stats: DataStats, position_prefix: str, id_prefix: str = ""):
@@ -193,7 +195,7 @@ class UniqueIds:
         value = row.get(key)
         text = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
         if key not in row:
-            reason = "no_id"
+            reason = "no_id"  # identified by position, not counted
         elif value is None:
             reason = "null_id"
         elif not text.strip() or len(text) > MAX_ID_CHARS:
@@ -203,7 +205,8 @@ class UniqueIds:
         else:
             reason = ""
         if reason:
-            self.stats.replaced_ids[reason] += 1
+            if reason != "no_id":
+                self.stats.replaced_ids[reason] += 1
             base = uid = f"{self.position_prefix}{lineno}"
             k = 0
             while uid in self.seen:  # at most once per earlier row

@@ -222,7 +222,7 @@ def test_null_and_duplicate_ids_get_unique_uids_by_row_position(tmp_path):
         "rows-11",
         "rows-12",
     ]
-    assert dict(stats.replaced_ids) == {"null_id": 2, "duplicate_id": 2, "no_id": 1, "bad_id": 5}
+    assert dict(stats.replaced_ids) == {"null_id": 2, "duplicate_id": 2, "bad_id": 5}
     assert "ids replaced by the row position: bad_id: 5, duplicate_id: 2" in stats.summary()
 
 

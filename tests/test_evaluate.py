@@ -171,7 +171,7 @@ def test_load_bench_uids_are_unique(tmp_path: Path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     problems, stats = load_bench(path, "b")
     assert [p.uid for p in problems] == ["b-0", "b-1", "b-2", "b-3", "b-4", "b-5"]
-    assert dict(stats.replaced_ids) == {"null_id": 2, "duplicate_id": 2, "no_id": 1, "bad_id": 1}
+    assert dict(stats.replaced_ids) == {"null_id": 2, "duplicate_id": 2, "bad_id": 1}
 
 
 @settings(max_examples=150, deadline=None)
