@@ -3,7 +3,7 @@ training GRPO (connection refused on every request, real Ray and DeepSpeed)."""
 
 import pytest
 
-from capo_dist.judge_worker import JudgeDownError
+from capo_dist.judge_health import JudgeDownError
 from capo_dist.trainer import Trainer
 from tests.runs import compose_run, read_metrics
 from tests.test_judge_http import ScriptedEndpoint, chat
