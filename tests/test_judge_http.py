@@ -17,10 +17,17 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from capo_dist.config import JudgeConfig
 from capo_dist.judge_health import DownDetector, JudgeDownError
-from capo_dist.judge_http import HttpJudgeClient, HttpJudgeConfig, retry_after_seconds
+from capo_dist.judge_http import (
+    HttpJudgeClient,
+    HttpJudgeConfig,
+    choice_texts,
+    retry_after_seconds,
+)
 from capo_dist.judge_worker import HttpBackend, JudgeRequest, critique_all
 
 
@@ -409,3 +416,90 @@ def test_blackholed_endpoint_is_down_within_the_bound(mode):
     # ...and within it: 1.5 s documented; generous slack for a loaded machine.
     assert elapsed < cfg.down_after_s + cfg.request_deadline_s + 10.0
     assert backend.client.failures["timeout"] >= 2
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_CHOICES = st.builds(
+    lambda c: {"choices": c},
+    st.lists(st.fixed_dictionaries({"message": _JSON}) | _JSON, max_size=3),
+)
+_BODY = st.one_of(
+    st.binary(max_size=200),
+    (_JSON | _CHOICES).map(lambda v: json.dumps(v).encode()),
+    (_JSON | _CHOICES).map(lambda v: gzip.compress(json.dumps(v).encode())),
+)
+_HEADER = st.sampled_from(
+    [
+        b"Content-Length: 5",
+        b"Content-Length: -1",
+        b"Content-Length: 99999999999999999999999",
+        b"Transfer-Encoding: chunked",
+        b"Content-Encoding: gzip",
+        b"Content-Encoding: deflate",
+        b"Content-Encoding: gzip, gzip",
+        b"Retry-After: 1",
+        b"Retry-After: Mon, 01 Jan 3000 00:00:00 GMT",
+        b"Connection: keep-alive",
+    ]
+) | st.binary(max_size=40)
+_REPLY = st.one_of(
+    st.binary(max_size=300),
+    st.builds(
+        lambda status, headers, body: (
+            b"HTTP/1.1 "
+            + status
+            + b"\r\n"
+            + b"".join(h + b"\r\n" for h in headers)
+            + b"\r\n"
+            + body
+        ),
+        st.sampled_from(
+            [b"200 OK", b"200", b"429 Slow", b"503 Busy", b"301 Moved", b"999 ?", b"OK"]
+        ),
+        st.lists(_HEADER, max_size=4),
+        _BODY,
+    ),
+)
+
+
+def test_any_reply_bytes_never_escape_the_client():
+    """Whatever bytes an endpoint answers with, `critique` returns N texts or N × None:
+    it never raises (derandomized: the same examples every run)."""
+    current = {}
+    server = RawEndpoint([], then=lambda conn: conn.sendall(current["reply"]))
+    client = HttpJudgeClient(
+        HttpJudgeConfig(base_url=server.url, model="judge", timeout_s=2.0, max_retries=0)
+    )
+
+    @settings(
+        max_examples=50,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(reply=_REPLY)
+    def check(reply):
+        current["reply"] = reply
+        out = client.critique("p", 2)
+        assert len(out) == 2 and all(t is None or (isinstance(t, str) and t.strip()) for t in out)
+
+    try:
+        check()
+    finally:
+        server.close()
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(body=_JSON | _CHOICES, api=st.sampled_from(["chat", "completions"]), n=st.integers(1, 4))
+def test_choice_texts_is_total(body, api, n):
+    """Any JSON document: N texts (non-blank strings or None), or None (malformed); never raises."""
+    out = choice_texts(body, api, n)
+    assert out is None or (
+        len(out) == n and all(t is None or (isinstance(t, str) and t.strip()) for t in out)
+    )
