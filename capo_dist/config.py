@@ -118,11 +118,24 @@ class JudgeConfig:
     model: str | None = None
     api_key_env: str = "CAPO_JUDGE_API_KEY"
     api: str = "chat"
+    # One HTTP attempt, connect to last byte (a total deadline, not per socket read).
     timeout_s: float = 60.0
+    # One response: all its attempts and the waits between them (capo_dist.judge_http).
+    request_deadline_s: float = 180.0
     max_retries: int = 3
-    # A judge whose every critique fails this many responses in a row is down:
-    # the run stops with an error instead of silently training GRPO.
+    # The longest wait a 429/503's Retry-After can ask for (never past the deadline).
+    retry_after_max_s: float = 60.0
+    # A judge whose every critique fails this many responses in a row, or for this many
+    # seconds of failed requests, is down: the run stops with an error instead of silently
+    # training GRPO. A blackholed endpoint is down within down_after_s + request_deadline_s
+    # (capo_dist.judge_health).
     max_consecutive_failures: int = 64
+    down_after_s: float = 300.0
+    # A judge whose critiques were ALL invalid (unparsable, or no answer) for this many
+    # steps in a row: on_invalid=error stops the run naming the judge and the fix;
+    # warn logs it loudly every such step and goes on.
+    max_invalid_steps: int = 3
+    on_invalid: str = "error"
     # Symbolic checker noise (each step verdict flipped with this probability).
     flip_prob: float = 0.0
 
@@ -391,6 +404,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"judge.model_path={cfg.judge.model_path!r} does not exist; give a local checkpoint directory or a hub id"
         )
+    _one_of("judge.on_invalid", cfg.judge.on_invalid, ("error", "warn"))
+    for key in ("max_consecutive_failures", "max_invalid_steps"):
+        _at_least(f"judge.{key}", getattr(cfg.judge, key), 1)
+    _at_least("judge.max_retries", cfg.judge.max_retries, 0)
+    _at_least("judge.retry_after_max_s", cfg.judge.retry_after_max_s, 0)
+    for key in ("timeout_s", "request_deadline_s", "down_after_s"):
+        if not getattr(cfg.judge, key) > 0:
+            raise ConfigError(f"judge.{key}={getattr(cfg.judge, key)} must be > 0 (seconds)")
     if cfg.judge.backend == "openai":
         if not cfg.judge.base_url or not cfg.judge.model:
             raise ConfigError(

@@ -5,8 +5,11 @@ or Hugging Face engine code as the rollout workers (its own model, tensor
 parallel), an OpenAI-compatible endpoint, or the symbolic step checker. Each
 response gets N critiques from ONE request (n = N). A critique that fails or
 cannot be produced is None (it abstains); a judge that fails every critique
-for `max_consecutive_failures` responses in a row raises `JudgeDownError`,
-so a dead judge stops the run instead of silently turning it into GRPO.
+for `max_consecutive_failures` responses in a row, or for `down_after_s`
+seconds of failed requests, raises `JudgeDownError` (capo_dist.judge_health),
+so a dead judge stops the run instead of silently turning it into GRPO. The
+HTTP backend is checked after every response, so a blackholed endpoint is
+declared down within `down_after_s + request_deadline_s`.
 """
 
 from __future__ import annotations
@@ -22,14 +25,11 @@ import ray
 from capo_dist import telemetry
 from capo_dist.actor_logs import redirect_output
 from capo_dist.config import JudgeConfig
+from capo_dist.judge_health import DownDetector, judge_label
 from capo_dist.rewards.critique import build_critique_prompt
 from capo_dist.rewards.steps import split_steps
 from capo_dist.tokenization import encode_prompt, has_chat_template
 from capo_dist.types import JudgedRollout, Rollout, SamplingSpec
-
-
-class JudgeDownError(RuntimeError):
-    """The judge failed every critique for too many responses in a row."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,9 @@ class HttpBackend:
                 api=cfg.api,
                 api_key_env=cfg.api_key_env,
                 timeout_s=cfg.timeout_s,
+                request_deadline_s=cfg.request_deadline_s,
                 max_retries=cfg.max_retries,
+                retry_after_max_s=cfg.retry_after_max_s,
                 temperature=cfg.temperature,
                 max_tokens=cfg.max_tokens,
             )
@@ -167,6 +169,25 @@ class EngineBackend:
         return out
 
 
+def critique_all(
+    backend: JudgeBackend,
+    requests: Sequence[JudgeRequest],
+    n: int,
+    down: DownDetector,
+    batch_size: int | None = None,
+) -> list[JudgeReply]:
+    """Every request's reply, asked `batch_size` at a time (None: all at once); each
+    batch's replies go to `down` as they arrive, which raises `JudgeDownError`."""
+    size = batch_size or max(len(requests), 1)
+    replies: list[JudgeReply] = []
+    for i in range(0, len(requests), size):
+        start = time.monotonic()
+        batch = backend.critiques(requests[i : i + size], n)
+        down.record([reply.critiques for reply in batch], time.monotonic() - start)
+        replies += batch
+    return replies
+
+
 @ray.remote
 class JudgeWorker:
     """Critiques rollouts; returns them with N raw critique texts each (None = abstain)."""
@@ -191,7 +212,13 @@ class JudgeWorker:
             self.backend = EngineBackend(
                 cfg, cfg.model_path or policy_model_path, seed, engine_kwargs or {}
             )
-        self.failed_in_a_row = 0
+        self.down = DownDetector(
+            cfg.max_consecutive_failures,
+            cfg.down_after_s,
+            judge_label(cfg, cfg.model_path or policy_model_path),
+        )
+        # An endpoint is checked after every response (each bounded by its deadline).
+        self.batch_size = 1 if cfg.backend == "openai" else None
 
     def _failed_requests(self) -> int:
         count = getattr(self.backend, "failed_requests", None)
@@ -225,19 +252,8 @@ class JudgeWorker:
             )
         failed_before = self._failed_requests()
         unchecked_before = getattr(self.backend, "unchecked_steps", 0)
-        replies = self.backend.critiques(requests, self.n)
+        replies = critique_all(self.backend, requests, self.n, self.down, self.batch_size)
         texts = [reply.critiques for reply in replies]
-        for critiques in texts:
-            if any(c is not None for c in critiques):
-                self.failed_in_a_row = 0
-            else:
-                self.failed_in_a_row += 1
-        if self.failed_in_a_row >= self.cfg.max_consecutive_failures:
-            raise JudgeDownError(
-                f"judge backend {self.cfg.backend!r} produced no critique for {self.failed_in_a_row} "
-                "responses in a row; check the judge (endpoint, model, prompt length) or raise "
-                "judge.max_consecutive_failures"
-            )
         judged = [
             JudgedRollout(rollout=r, critiques=list(reply.critiques), judge_prompt=reply.prompt)
             for r, reply in zip(rollouts, replies, strict=True)

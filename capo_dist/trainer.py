@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from capo_dist.config import RunConfig, validate
 from capo_dist.data import DataError, DataStats, ProblemStream, load_jsonl, synthetic_arith
 from capo_dist.evaluate import load_bench
 from capo_dist.experience import Experience
+from capo_dist.judge_health import JudgeUnusableError, invalid_streak_check, judge_label
 from capo_dist.judge_worker import JudgeWorker
 from capo_dist.learner import LearnerConfig
 from capo_dist.learner_group import LearnerGroup, get_all
@@ -219,6 +221,8 @@ class Trainer:
             print(f"[capo_dist] eval bench {name}: {bench_stats.summary()}")
             self.benches[name] = bench[: cfg.eval.limit]
         self.step = self.version = 0
+        # Steps in a row whose critiques were all invalid (judge.max_invalid_steps).
+        self.invalid_steps = 0
         self.latest_weights: list[ray.ObjectRef] = []
         self._resume()
         self.logger = MetricsLogger(self.run_dir, cfg)
@@ -551,6 +555,15 @@ class Trainer:
                 "time_wait": t_train - t0,
                 "time_step": t_end - t0,
             }
+            judge_problem = None
+            if self.judges:
+                self.invalid_steps, judge_problem = invalid_streak_check(
+                    self.invalid_steps,
+                    exp.metrics["judge_invalid_rate"],
+                    cfg.judge.max_invalid_steps,
+                    judge_label(cfg.judge, self.model_path),
+                )
+                record["judge_invalid_steps"] = self.invalid_steps
             if t.sync.verify:
                 diff, moved = self._verify_sync(exp.batch)
                 record.update(sync_max_logprob_diff=diff, sync_policy_moved=moved)
@@ -567,6 +580,12 @@ class Trainer:
                 self.logger.write_samples(self.step, exp.samples[: cfg.logging.samples_per_step])
             if save:
                 self._save()
+            if judge_problem is not None:  # after the step's metrics, samples and checkpoint
+                if cfg.judge.on_invalid == "error":
+                    raise JudgeUnusableError(judge_problem)
+                print(
+                    f"[capo_dist] WARNING (judge.on_invalid=warn): {judge_problem}", file=sys.stderr
+                )
             if pending is None and not last:
                 pending = self._collect()
         if t.export_hf:

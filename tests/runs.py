@@ -51,13 +51,20 @@ def readme_argv(command: str, *quick: str) -> list[str]:
 
 
 def launch(
-    command: str, run_dir: Path, build_dir: Path, *overrides: str, timeout: int = 600
+    command: str,
+    run_dir: Path,
+    build_dir: Path,
+    *overrides: str,
+    timeout: int = 600,
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
     """Run a README training command (`python -m capo_dist.launch ...` or `make run`) with the
-    fast settings appended, into `run_dir`; fails the test with the output's tail if it fails."""
+    fast settings appended, into `run_dir`; with `check`, fails the test with the output's
+    tail if the command fails."""
     quick = [*FAST, f"model.build_dir={build_dir}", f"hydra.run.dir={run_dir}", *overrides]
     proc = subprocess.run(
         readme_argv(command, *quick), cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    if check:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc

@@ -5,14 +5,30 @@ judge cannot run in CI); the end-to-end test against vLLM's own OpenAI server
 is in tests/integration.
 """
 
+import email.utils
+import gzip
 import json
+import re
+import socket
+import socketserver
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from capo_dist.judge_http import HttpJudgeClient, HttpJudgeConfig
+from capo_dist.config import JudgeConfig
+from capo_dist.judge_health import DownDetector, JudgeDownError
+from capo_dist.judge_http import (
+    HttpJudgeClient,
+    HttpJudgeConfig,
+    choice_texts,
+    retry_after_seconds,
+)
+from capo_dist.judge_worker import HttpBackend, JudgeRequest, critique_all
 
 
 class ScriptedEndpoint:
@@ -40,7 +56,7 @@ class ScriptedEndpoint:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def close(self):
         self.server.shutdown()
@@ -125,3 +141,365 @@ def test_completions_api_and_partial_choices(client_for):
     )
     assert client.critique("p", 3) == ["Wrong step list: []", None, None]
     assert server.requests[0][0] == "/v1/completions" and server.requests[0][2]["prompt"] == "p"
+
+
+# ---------------------------------------------------------------- hostile endpoints
+
+
+class RawEndpoint:
+    """A loopback TCP server that reads each request and answers with raw bytes: each
+    connection gets the next scripted reply, either bytes or a function of the socket
+    (then a good reply after the script runs out). Counts the requests it read."""
+
+    def __init__(self, replies, then=None):
+        self.replies = list(replies)
+        self.then = then
+        self.times = []
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                conn = self.request
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                outer.times.append(time.monotonic())
+                reply = outer.replies.pop(0) if outer.replies else outer.then
+                try:
+                    if callable(reply):
+                        reply(conn)
+                    elif reply is not None:
+                        conn.sendall(reply)
+                except OSError:
+                    pass  # the client gave up (its deadline): fine
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def http(body: bytes, status: str = "200 OK", headers: str = "") -> bytes:
+    """A raw HTTP/1.1 response that closes the connection."""
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n{headers}\r\n"
+    ).encode() + body
+
+
+GOOD = json.dumps(chat("Wrong step list: [0]")).encode()
+
+
+@pytest.fixture
+def raw_client():
+    servers = []
+
+    def make(replies, then=http(GOOD), **kw):
+        server = RawEndpoint(replies, then)
+        servers.append(server)
+        kw = {"backoff_s": 0.01, "timeout_s": 2.0, "max_retries": 1, **kw}
+        return server, HttpJudgeClient(HttpJudgeConfig(base_url=server.url, model="judge", **kw))
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"choices": [{"message": "Wrong step list: []"}]}',  # message is not an object
+        b'{"choices": [{"message": ["Wrong step list: []"]}]}',
+        b'{"choices": [{"message": {"content": 7}}]}',  # content is not a string
+        b'{"choices": [7]}',
+        b'{"choices": {"0": {"message": {"content": "x"}}}}',
+        b'[{"choices": []}]',
+        b"[" * 100_000,  # nested past the recursion limit
+        b"1" * 10_000,  # an int too long to convert
+        b'{"choices": [{"message": {"content": "Wrong step',  # invalid JSON
+        b"\xff\xfe\x00garbage",  # not UTF-8
+    ],
+)
+def test_wrong_shapes_are_retried_then_succeed(raw_client, body):
+    """A body that is not a chat completion at every level is a failed attempt (retried),
+    never an exception out of the client."""
+    server, client = raw_client([http(body)])
+    assert client.critique("p", 2) == ["Wrong step list: [0]", None]
+    assert client.failures == {"malformed": 1}
+
+
+def _gzip_bomb() -> bytes:
+    return gzip.compress(b" " * (64 << 20))  # 64 MiB of spaces in ~64 KiB
+
+
+@pytest.mark.parametrize(
+    "reply, reason",
+    [
+        # A body cut off mid-stream: fewer bytes than Content-Length, then the socket closes.
+        (http(GOOD)[:-10], "malformed"),
+        # ... and a chunked body cut off inside a chunk.
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n" + GOOD[:20],
+            "malformed",
+        ),
+        (http(b"\x1f\x8b\x08\x00garbage", headers="Content-Encoding: gzip\r\n"), "malformed"),
+        (http(gzip.compress(GOOD)[:-12], headers="Content-Encoding: gzip\r\n"), "malformed"),
+        (http(b"garbage", headers="Content-Encoding: deflate\r\n"), "malformed"),
+        (http(GOOD, headers="Content-Encoding: br\r\n"), "malformed"),  # not what we accept
+        (http(_gzip_bomb(), headers="Content-Encoding: gzip\r\n"), "too_large"),
+        (http(GOOD + b" " * (2 << 20)), "too_large"),  # over max_body_bytes, refused unread
+        (b"HTTP/1.1 200 OK\r\n\r\n" + GOOD + b" " * (2 << 20), "too_large"),  # no length
+        (b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\n{}", "malformed"),  # bad status line
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 100_000 + b"\r\n\r\n", "malformed"),  # huge header
+        (b"", "connection"),  # closed without a byte
+    ],
+    ids=[
+        "short-body",
+        "cut-chunk",
+        "gzip-garbage",
+        "gzip-truncated",
+        "deflate-garbage",
+        "unasked-encoding",
+        "gzip-bomb",
+        "over-cap",
+        "over-cap-unsized",
+        "bad-status-line",
+        "huge-header",
+        "empty",
+    ],
+)
+def test_broken_bodies_are_retried_then_succeed(raw_client, reply, reason):
+    server, client = raw_client([reply], max_body_bytes=1 << 20)
+    assert client.critique("p", 1) == ["Wrong step list: [0]"]
+    assert client.failures == {reason: 1}
+
+
+def test_compressed_bodies_are_decoded(raw_client):
+    server, client = raw_client(
+        [
+            http(gzip.compress(GOOD), headers="Content-Encoding: gzip\r\n"),
+            http(zlib.compress(GOOD), headers="Content-Encoding: deflate\r\n"),
+        ]
+    )
+    assert client.critique("p", 1) == client.critique("p", 1) == ["Wrong step list: [0]"]
+    assert not client.failures
+
+
+def _trickle(prefix: bytes):
+    """A reply that sends `prefix`, then one byte every 50 ms for up to 20 s."""
+
+    def reply(conn):
+        conn.sendall(prefix)
+        for _ in range(400):
+            conn.sendall(b"a")
+            time.sleep(0.05)
+
+    return reply
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [b"HTTP/1.1 200 OK\r\nX-Slow: ", b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"],
+    ids=["headers", "body"],
+)
+def test_an_attempt_has_a_total_deadline(raw_client, prefix):
+    """A server that trickles bytes (each read well within timeout_s) cannot stretch an
+    attempt past timeout_s: the deadline is total, not per socket read."""
+    server, client = raw_client([], then=_trickle(prefix), timeout_s=0.5, max_retries=0)
+    start = time.monotonic()
+    assert client.critique("p", 1) == [None]
+    elapsed = time.monotonic() - start
+    assert client.failures == {"timeout": 1, "gave_up": 1}
+    assert elapsed < 10.0  # 0.5 s by construction; the trickle lasts 20 s
+
+
+def test_retry_after_seconds_and_date_are_honoured(raw_client):
+    def unavailable_for_3_s(conn):
+        date = email.utils.formatdate(time.time() + 3, usegmt=True)  # whole seconds
+        conn.sendall(http(b"", "503 Service Unavailable", f"Retry-After: {date}\r\n"))
+
+    server, client = raw_client(
+        [http(b"", "429 Too Many Requests", "Retry-After: 1\r\n"), unavailable_for_3_s],
+        max_retries=2,
+    )
+    assert client.critique("p", 1) == ["Wrong step list: [0]"]
+    first, second, third = server.times
+    assert second - first >= 0.9  # 1 s asked; backoff alone would wait 0.01 s
+    assert third - second >= 1.5  # an HTTP date 3 s ahead (2-3 s at its 1 s resolution)
+    assert client.failures == {"http_429": 1, "http_503": 1}
+
+
+def test_retry_after_is_capped_and_never_past_the_deadline(raw_client):
+    # Capped: an hour asked, retry_after_max_s=0.2 waited.
+    server, client = raw_client(
+        [http(b"", "503 Service Unavailable", "Retry-After: 3600\r\n")], retry_after_max_s=0.2
+    )
+    start = time.monotonic()
+    assert client.critique("p", 1) == ["Wrong step list: [0]"]
+    assert 0.15 <= server.times[1] - server.times[0] and time.monotonic() - start < 30
+    # Past the deadline: the client gives up at once instead of waiting into it.
+    server, client = raw_client(
+        [http(b"", "429 Too Many Requests", "Retry-After: 3600\r\n")],
+        retry_after_max_s=3600,
+        request_deadline_s=1.0,
+    )
+    start = time.monotonic()
+    assert client.critique("p", 1) == [None]
+    assert time.monotonic() - start < 30 and len(server.times) == 1
+    assert client.failures == {"http_429": 1, "gave_up": 1}
+
+
+def test_retry_after_parsing():
+    now = 1_700_000_000.0
+    assert retry_after_seconds("120", now) == 120.0
+    assert retry_after_seconds(email.utils.formatdate(now + 30, usegmt=True), now) == 30.0
+    assert retry_after_seconds(email.utils.formatdate(now - 30, usegmt=True), now) == 0.0
+    for bad in (None, "", "soon", "-5", "1.5", "9" * 40, "Mon, 99 Foo 99999 99:99:99 GMT"):
+        assert retry_after_seconds(bad, now) is None
+
+
+@pytest.mark.parametrize("mode", ["accepts-never-answers", "drops-syns"])
+def test_blackholed_endpoint_is_down_within_the_bound(mode):
+    """A judge endpoint that accepts TCP and never answers (or never completes the
+    handshake: a full accept queue drops SYNs) is declared down at most
+    down_after_s + request_deadline_s after its first request, whatever
+    max_retries and max_consecutive_failures allow (here 11 attempts per response
+    and a million responses: hours at the old per-response counting)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # never accept()ed: the kernel completes handshakes, nobody answers
+    fillers = []
+    if mode == "drops-syns":  # fill the accept queue: further SYNs are dropped
+        for _ in range(2):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(listener.getsockname())
+            fillers.append(s)
+        time.sleep(0.2)
+    port = listener.getsockname()[1]
+    cfg = JudgeConfig(
+        backend="openai",
+        base_url=f"http://127.0.0.1:{port}/v1",
+        model="judge",
+        timeout_s=0.2,
+        request_deadline_s=0.5,
+        max_retries=10,
+        down_after_s=1.0,
+        max_consecutive_failures=1_000_000,
+    )
+    backend = HttpBackend(cfg)
+    down = DownDetector(cfg.max_consecutive_failures, cfg.down_after_s, "judge at test")
+    requests = [JudgeRequest("1+1?", "2", ["1+1=2"])] * 200
+    start = time.monotonic()
+    try:
+        with pytest.raises(JudgeDownError, match=r"s of failed requests"):
+            critique_all(backend, requests, 2, down, batch_size=1)
+    finally:
+        listener.close()
+        for s in fillers:
+            s.close()
+    elapsed = time.monotonic() - start
+    assert elapsed >= cfg.down_after_s  # not declared down before the bound's first part...
+    # ...and within it: 1.5 s documented; generous slack for a loaded machine.
+    assert elapsed < cfg.down_after_s + cfg.request_deadline_s + 10.0
+    assert backend.client.failures["timeout"] >= 2
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_CHOICES = st.builds(
+    lambda c: {"choices": c},
+    st.lists(st.fixed_dictionaries({"message": _JSON}) | _JSON, max_size=3),
+)
+_BODY = st.one_of(
+    st.binary(max_size=200),
+    (_JSON | _CHOICES).map(lambda v: json.dumps(v).encode()),
+    (_JSON | _CHOICES).map(lambda v: gzip.compress(json.dumps(v).encode())),
+)
+_HEADER = st.sampled_from(
+    [
+        b"Content-Length: 5",
+        b"Content-Length: -1",
+        b"Content-Length: 99999999999999999999999",
+        b"Transfer-Encoding: chunked",
+        b"Content-Encoding: gzip",
+        b"Content-Encoding: deflate",
+        b"Content-Encoding: gzip, gzip",
+        b"Retry-After: 1",
+        b"Retry-After: Mon, 01 Jan 3000 00:00:00 GMT",
+        b"Connection: keep-alive",
+    ]
+) | st.binary(max_size=40)
+_REPLY = st.one_of(
+    st.binary(max_size=300),
+    st.builds(
+        lambda status, headers, body: (
+            b"HTTP/1.1 "
+            + status
+            + b"\r\n"
+            + b"".join(h + b"\r\n" for h in headers)
+            + b"\r\n"
+            + body
+        ),
+        st.sampled_from(
+            [b"200 OK", b"200", b"429 Slow", b"503 Busy", b"301 Moved", b"999 ?", b"OK"]
+        ),
+        st.lists(_HEADER, max_size=4),
+        _BODY,
+    ),
+)
+
+
+def test_any_reply_bytes_never_escape_the_client():
+    """Whatever bytes an endpoint answers with, `critique` returns N texts or N × None:
+    it never raises (derandomized: the same examples every run)."""
+    current = {}
+    server = RawEndpoint([], then=lambda conn: conn.sendall(current["reply"]))
+    client = HttpJudgeClient(
+        HttpJudgeConfig(base_url=server.url, model="judge", timeout_s=2.0, max_retries=0)
+    )
+
+    @settings(
+        max_examples=50,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(reply=_REPLY)
+    def check(reply):
+        current["reply"] = reply
+        out = client.critique("p", 2)
+        assert len(out) == 2 and all(t is None or (isinstance(t, str) and t.strip()) for t in out)
+
+    try:
+        check()
+    finally:
+        server.close()
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(body=_JSON | _CHOICES, api=st.sampled_from(["chat", "completions"]), n=st.integers(1, 4))
+def test_choice_texts_is_total(body, api, n):
+    """Any JSON document: N texts (non-blank strings or None), or None (malformed); never raises."""
+    out = choice_texts(body, api, n)
+    assert out is None or (
+        len(out) == n and all(t is None or (isinstance(t, str) and t.strip()) for t in out)
+    )

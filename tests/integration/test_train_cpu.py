@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import requests
 import torch
 from transformers import AutoModelForCausalLM
@@ -107,22 +108,39 @@ def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir):
     torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
 
 
-@pytest.mark.parametrize("judge", ["hf", "vllm"])
-def test_model_judge_backends(tmp_path, model_build_dir, judge):
-    """A tiny random judge talks nonsense: its critiques are invalid and abstain, never crash.
-    With `logging.verbose=true` (the vLLM judge) its engine's logs come back to the terminal."""
-    verbose = [f"logging.verbose={judge == 'vllm'}"]
-    overrides = [f"judge.backend={judge}", "rollout.backend=hf", *verbose]
-    proc = launch(README_MAJORITY, tmp_path, model_build_dir, *overrides)
+@pytest.mark.parametrize("judge, on_invalid", [("hf", "error"), ("vllm", "warn")])
+def test_model_judge_backends(tmp_path, model_build_dir, judge, on_invalid):
+    """A tiny random judge talks nonsense: its critiques are invalid and abstain, never crash,
+    and the step trains. With every critique invalid for judge.max_invalid_steps=1 step (the
+    default is 3, more than this 1-step run), on_invalid=error stops the run after that step
+    (its metrics logged) naming the judge; warn says so loudly and goes on. With
+    `logging.verbose=true` (the vLLM judge) its engine's logs come back to the terminal."""
+    overrides = (
+        f"judge.backend={judge}",
+        "rollout.backend=hf",
+        "judge.max_invalid_steps=1",
+        f"judge.on_invalid={on_invalid}",
+        f"logging.verbose={judge == 'vllm'}",
+    )
+    proc = launch(
+        README_MAJORITY, tmp_path, model_build_dir, *overrides, check=on_invalid == "warn"
+    )
+    out = proc.stdout + proc.stderr
     (record,) = read_metrics(tmp_path)
+    if on_invalid == "error":
+        assert proc.returncode != 0, out[-3000:]
+        assert "JudgeUnusableError" in out, out[-3000:]
+        assert "(judge.backend=hf): every critique was" in out, out[-3000:]
+    else:
+        assert "WARNING (judge.on_invalid=warn)" in out, out[-3000:]
     if judge == "vllm":
-        assert VLLM_LOG_LINE.search(proc.stdout + proc.stderr)
+        assert VLLM_LOG_LINE.search(out)
         assert not (tmp_path / "logs").exists()
     else:
         assert (tmp_path / "logs" / "judge-0.log").is_file()
     check_step(record)
-    assert record["judge_invalid_rate"] > 0.5
-    assert record["judge_abstain_rate"] > 0.5
+    assert record["judge_invalid_rate"] == 1.0 and record["judge_invalid_steps"] == 1
+    assert record["judge_abstain_rate"] == 1.0
 
 
 def _free_port() -> int:
@@ -133,11 +151,17 @@ def _free_port() -> int:
 
 @pytest.mark.timeout(900)  # ~70 s measured; its launch subprocess is allowed 600 s
 def test_openai_judge_against_vllm_server(tmp_path, model_build_dir):
-    """The HTTP judge backend against vLLM's own OpenAI-compatible server on loopback."""
+    """The HTTP judge backend against vLLM's own OpenAI-compatible server on loopback.
+
+    The server requires the API key (`--api-key`: a request without it gets 401), so a run
+    whose judge requests all succeeded sent it; and the key is nowhere the run leaves text:
+    its run directory, its wandb offline files, its Ray session's logs (driver, raylet,
+    every worker's stdout/stderr)."""
     cfg = compose_run(tmp_path, model_build_dir)
     model = prepare_policy(cfg, load_problems(cfg)[2])
     port = _free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "CAPO_JUDGE_API_KEY": "sk-test-not-logged"}
+    key = "sk-test-not-logged"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "CAPO_JUDGE_API_KEY": key}
     server = subprocess.Popen(
         [
             sys.executable,
@@ -156,12 +180,13 @@ def test_openai_judge_against_vllm_server(tmp_path, model_build_dir):
             "--served-model-name",
             "tiny-judge",
             "--api-key",
-            "sk-test-not-logged",
+            key,
         ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
+    url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
@@ -172,25 +197,41 @@ def test_openai_judge_against_vllm_server(tmp_path, model_build_dir):
                 pass
             assert server.poll() is None, "vLLM OpenAI server exited"
             time.sleep(2)
-        os.environ["CAPO_JUDGE_API_KEY"] = "sk-test-not-logged"
-        (record,) = train(
+        probe = {"model": "tiny-judge", "prompt": "1+1=", "max_tokens": 1}
+        assert requests.post(f"{url}/completions", json=probe, timeout=60).status_code == 401
+        os.environ["CAPO_JUDGE_API_KEY"] = key
+        cfg = compose_run(
             tmp_path,
             model_build_dir,
             "judge.backend=openai",
-            f"judge.base_url=http://127.0.0.1:{port}/v1",
+            f"judge.base_url={url}",
             "judge.model=tiny-judge",
             "judge.api=completions",
             "rollout.backend=hf",
+            "logging.wandb_mode=offline",
         )
+        trainer = Trainer(cfg)
+        session = Path(ray._private.worker._global_node.get_session_dir_path())
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
     finally:
         os.environ.pop("CAPO_JUDGE_API_KEY", None)
         server.terminate()
         server.wait(30)
+    (record,) = read_metrics(tmp_path)
     check_step(record)
+    # Every judge request was answered (a 401 would count here): the key was sent.
+    assert record["judge_request_failures"] == 0.0
     assert record["judge_invalid_rate"] > 0.5  # real texts from a random model: unparsable
-    # The key came from the environment only: no file the run wrote contains it.
-    written = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert written and not any(b"sk-test-not-logged" in p.read_bytes() for p in written)
+    # The key came from the environment only: no file the run, wandb or Ray wrote holds it.
+    wandb_files = [p for p in (tmp_path / "wandb").rglob("*") if p.is_file()]
+    ray_logs = [p for p in (session / "logs").rglob("*") if p.is_file()]
+    assert wandb_files and any(p.name.startswith("worker-") for p in ray_logs)
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+    leaked += [p for p in ray_logs if key.encode() in p.read_bytes()]
+    assert not leaked, f"the API key was written to {leaked}"
 
 
 def test_grpo_baseline_skips_the_judge(tmp_path, model_build_dir):

@@ -3,7 +3,7 @@ training GRPO (connection refused on every request, real Ray and DeepSpeed)."""
 
 import pytest
 
-from capo_dist.judge_worker import JudgeDownError
+from capo_dist.judge_health import JudgeDownError
 from capo_dist.trainer import Trainer
 from tests.runs import compose_run, read_metrics
 from tests.test_judge_http import ScriptedEndpoint, chat
@@ -12,6 +12,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_dead_endpoint_fails_the_run(tmp_path, model_build_dir):
+    """Down by time: each response fails after ~0.5 s (two refused attempts and the backoff
+    between), so judge.down_after_s=1 declares the judge down after 2-3 responses, long
+    before judge.max_consecutive_failures (64); the judge worker checks after every response."""
     cfg = compose_run(
         tmp_path,
         model_build_dir,
@@ -19,12 +22,16 @@ def test_dead_endpoint_fails_the_run(tmp_path, model_build_dir):
         "judge.base_url=http://127.0.0.1:9/v1",  # nothing listens on the discard port
         "judge.model=judge",
         "judge.max_retries=1",
-        "judge.max_consecutive_failures=4",
+        "judge.down_after_s=1",
         "rollout.backend=hf",
     )
     trainer = Trainer(cfg)
     try:
-        with pytest.raises(JudgeDownError, match="produced no critique for 4 responses in a row"):
+        with pytest.raises(
+            JudgeDownError,
+            match=r"'judge' at http://127.0.0.1:9/v1 \(judge.backend=openai\) produced no critique "
+            r"for [23] responses in a row \(\d\.\d s of failed requests\)",
+        ):
             trainer.run()
     finally:
         trainer.close()
@@ -54,3 +61,4 @@ def test_flaky_endpoint_is_retried_and_counted(tmp_path, model_build_dir):
     (record,) = read_metrics(tmp_path)
     assert record["judge_request_failures"] == 2.0
     assert record["judge_invalid_rate"] == 0.0  # every response got its critiques in the end
+    assert record["judge_invalid_steps"] == 0  # judge health: a usable judge
