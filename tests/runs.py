@@ -1,12 +1,18 @@
 """Helpers for end-to-end runs: compose the real Hydra config of a fast CPU run, read its metrics."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
+import ray
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from capo_dist.config import RunConfig
+from capo_dist.models import TinyModelSpec
+from capo_dist.trainer import Trainer
+from capo_dist.warmstart import WarmStartConfig
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -21,6 +27,21 @@ FAST = [
     "judge.max_tokens=16",
 ]
 
+# The policy of the runs that must learn something (tests/conftest.py `warm_policy`): the
+# tiny policy SFT-warm-started briefly (capo_dist.warmstart), so it writes step-format
+# solutions, gets some answers right and some steps wrong. A random policy never answers:
+# every reward, advantage and gradient is zero and a test cannot tell trained from untrained
+# weights. Build: ~1 min on one core (it trains on one thread), no held-out evaluation.
+# Measured (tests/conftest.py docstring) on the tests' data at 48 new tokens.
+WARM_START = WarmStartConfig(train_size=2000, steps=500, eval_size=0, spec=TinyModelSpec())
+
+
+def learning(policy: Path) -> list[str]:
+    """Overrides (after FAST) of a run that trains with a non-zero gradient: the warm-started
+    `policy`, room to finish an answer, and a noisy symbolic judge (its verdicts flipped at
+    random: the judge's RNG is part of the run's state, and penalties vary within a group)."""
+    return [f"model.path={policy}", "rollout.max_new_tokens=48", "judge.flip_prob=0.2"]
+
 
 def compose_run(run_dir: Path, build_dir: Path, *overrides: str) -> RunConfig:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -30,4 +51,50 @@ def compose_run(run_dir: Path, build_dir: Path, *overrides: str) -> RunConfig:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """Every row of `metrics.jsonl`, in order (a step logged twice appears twice)."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def pid_of(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+
+
+class FaultyTrainer(Trainer):
+    """The real Trainer, with processes SIGKILLed at chosen points (fault injection only)."""
+
+    kill_workers_at_collect: int | None = None  # kill when step N's collection is submitted
+    kill_worker_index: int = 0  # which rollout and judge worker (index modulo their count)
+    # Kill learner rank 1 when the driver calls this learner-group method in step N
+    # (save_checkpoint: after step N's row is logged, while checkpoint N is written).
+    kill_learner_at: tuple[str, int] | None = None
+
+    def _collect(self):
+        pids = []
+        if self.kill_workers_at_collect == self.step + 1:
+            i = self.kill_worker_index
+            pids = [pid_of(self.rollout[i % len(self.rollout)])]
+            pids += [pid_of(self.judges[i % len(self.judges)])] if self.judges else []
+        pending = super()._collect()
+        for pid in pids:  # the chunks are queued or running on these actors now
+            os.kill(pid, signal.SIGKILL)
+        if pids:
+            self.kill_workers_at_collect = None
+        return pending
+
+    def _learners(self, method, *args):
+        if self.kill_learner_at is not None:
+            name, step = self.kill_learner_at
+            # save_checkpoint runs after the step counter moved on; train_step before.
+            at = self.step if name == "save_checkpoint" else self.step + 1
+            if method == name and at == step:
+                os.kill(pid_of(self.learners.actors[1]), signal.SIGKILL)
+        return super()._learners(method, *args)
+
+
+def run(trainer: Trainer, shutdown_ray: bool = True) -> None:
+    """`trainer.run()`, then close it whatever happened (the local Ray cluster is kept for
+    the next in-process run when not `shutdown_ray`)."""
+    try:
+        trainer.run()
+    finally:
+        trainer.close(shutdown_ray=shutdown_ray)

@@ -1,6 +1,7 @@
 """End-to-end CAPO steps on CPU with the real components: Ray, DeepSpeed ZeRO-3 (2 ranks,
 gloo), vLLM's CPU build and Hugging Face engines, every judge backend."""
 
+import json
 import os
 import socket
 import subprocess
@@ -14,8 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from capo_dist.engines import make_engine
+from capo_dist.step_checker import solution_is_clean
 from capo_dist.trainer import Trainer, load_problems, prepare_policy
-from tests.runs import FAST, compose_run, read_metrics
+from tests.runs import FAST, compose_run, learning, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -52,11 +54,17 @@ def check_step(record: dict) -> None:
     assert record["policy_version"] == record["step"]
 
 
-def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir):
+def check_learns(record: dict) -> None:
+    """The step trained on something: a non-zero gradient (a policy that earns rewards)."""
+    assert record["train_grad_norm"] > 0 and record["advantage_abs_mean"] > 0
+
+
+def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir, warm_policy):
     """Two vLLM engines synced through the collective path (gloo), one step of overlap."""
     records = train(
         tmp_path,
         model_build_dir,
+        *learning(warm_policy),
         "trainer.total_steps=2",
         "trainer.max_staleness=1",
         "rollout.backend=vllm",
@@ -67,9 +75,10 @@ def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir):
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
         check_step(r)
+        check_learns(r)
         assert r["judge_invalid_rate"] == 0.0  # the symbolic judge always answers in format
     # Step 2 trains on a batch sampled during step 1, one version behind: it is corrected
-    # (tests/learner pins the corrected ratio; this random policy earns no reward to move it).
+    # (tests/learner pins the corrected ratio).
     assert records[0]["train_stale_frac"] == 0.0 and records[1]["train_stale_frac"] == 1.0
     # The exported final policy loads in vLLM and in transformers, with the same log-probs.
     policy = str(tmp_path / "policy")
@@ -87,10 +96,18 @@ def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir):
 
 
 @pytest.mark.parametrize("judge", ["hf", "vllm"])
-def test_model_judge_backends(tmp_path, model_build_dir, judge):
-    """A tiny random judge talks nonsense: its critiques are invalid and abstain, never crash."""
-    (record,) = train(tmp_path, model_build_dir, f"judge.backend={judge}", "rollout.backend=hf")
+def test_model_judge_backends(tmp_path, model_build_dir, warm_policy, judge):
+    """The policy as its own judge talks arithmetic, not critiques: they are invalid and
+    abstain, never crash; the outcome reward still trains."""
+    (record,) = train(
+        tmp_path,
+        model_build_dir,
+        *learning(warm_policy),
+        f"judge.backend={judge}",
+        "rollout.backend=hf",
+    )
     check_step(record)
+    check_learns(record)
     assert record["judge_invalid_rate"] > 0.5
     assert record["judge_abstain_rate"] > 0.5
 
@@ -162,13 +179,23 @@ def test_openai_judge_against_vllm_server(tmp_path, model_build_dir):
     assert written and not any(b"sk-test-not-logged" in p.read_bytes() for p in written)
 
 
-def test_grpo_baseline_skips_the_judge(tmp_path, model_build_dir):
-    (record,) = train(tmp_path, model_build_dir, "capo.w_process=0", "rollout.backend=hf")
+def test_grpo_baseline_skips_the_judge(tmp_path, model_build_dir, warm_policy):
+    """`capo.w_process=0` is GRPO: no judge runs and no token is penalised, although some
+    responses have a step the symbolic judge flags (CAPO would penalise them)."""
+    (record,) = train(
+        tmp_path, model_build_dir, *learning(warm_policy), "capo.w_process=0", "rollout.backend=hf"
+    )
     check_step(record)
+    check_learns(record)  # mixed outcomes within a group: GRPO's own signal
     assert record["process_penalty_rate"] == 0.0 and record["time_judge"] == 0.0
+    samples = [json.loads(x) for x in (tmp_path / "samples" / "step_000001.jsonl").open()]
+    flawed = [s for s in samples if not solution_is_clean(s["response"])]
+    assert flawed, "no response with a wrong step: the check below would be vacuous"
+    for s in samples:  # outcome only: 2 where the answer is right, else 0, on every token
+        assert not s["critiques"] and set(s["token_rewards"]) == {2.0 * s["correct"]}
 
 
-def test_sweep_two_vote_modes(tmp_path, model_build_dir):
+def test_sweep_two_vote_modes(tmp_path, model_build_dir, warm_policy):
     """`-m capo.vote=intersection,majority`: one run directory with metrics each."""
     out = subprocess.run(
         [
@@ -181,6 +208,7 @@ def test_sweep_two_vote_modes(tmp_path, model_build_dir):
             f"model.build_dir={model_build_dir}",
             f"hydra.sweep.dir={tmp_path}",
             *FAST,
+            *learning(warm_policy),
         ],
         capture_output=True,
         text=True,
@@ -192,4 +220,6 @@ def test_sweep_two_vote_modes(tmp_path, model_build_dir):
     assert len(runs) == 2
     assert "capo.vote=intersection" in runs[0].name and "capo.vote=majority" in runs[1].name
     for run in runs:
-        check_step(read_metrics(run)[0])
+        (record,) = read_metrics(run)
+        check_step(record)
+        check_learns(record)
