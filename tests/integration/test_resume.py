@@ -106,7 +106,7 @@ def test_killed_runs_resume_exactly(tmp_path, model_build_dir, warm_policy):
         expected = {r["step"]: stable(r) for r in read_metrics(whole)}
         assert sorted(expected) == [1, 2, 3]
         for r in expected.values():  # the run learns: the comparisons below can see a change
-            assert r["train_grad_norm"] > 0 and r["train_loss"] != 0
+            assert r["train_grad_norm"] > 0
         assert expected[1]["train_lr"] < expected[2]["train_lr"] < expected[3]["train_lr"]
         assert 0 < expected[1]["process_penalty_rate"] < 1
 
