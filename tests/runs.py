@@ -43,6 +43,12 @@ def learning(policy: Path) -> list[str]:
     return [f"model.path={policy}", "rollout.max_new_tokens=48", "judge.flip_prob=0.2"]
 
 
+# Outcome reward alone (GRPO, or a judge that abstains): enough groups of enough samples
+# that one holds a right and a wrong answer (the policy answers ~20 % right at 48 tokens:
+# a group of 4 is mixed with p ~0.6, one of 6 such groups with p > 0.99).
+OUTCOME_ONLY = ["rollout.prompts_per_step=6", "rollout.samples_per_prompt=4"]
+
+
 def compose_run(run_dir: Path, build_dir: Path, *overrides: str) -> RunConfig:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         dcfg = compose("config", overrides=[*FAST, f"model.build_dir={build_dir}", *overrides])

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from capo_dist.engines import make_engine
 from capo_dist.step_checker import solution_is_clean
 from capo_dist.trainer import Trainer, load_problems, prepare_policy
-from tests.runs import FAST, compose_run, learning, read_metrics
+from tests.runs import FAST, OUTCOME_ONLY, compose_run, learning, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -103,6 +103,7 @@ def test_model_judge_backends(tmp_path, model_build_dir, warm_policy, judge):
         tmp_path,
         model_build_dir,
         *learning(warm_policy),
+        *OUTCOME_ONLY,
         f"judge.backend={judge}",
         "rollout.backend=hf",
     )
@@ -183,7 +184,12 @@ def test_grpo_baseline_skips_the_judge(tmp_path, model_build_dir, warm_policy):
     """`capo.w_process=0` is GRPO: no judge runs and no token is penalised, although some
     responses have a step the symbolic judge flags (CAPO would penalise them)."""
     (record,) = train(
-        tmp_path, model_build_dir, *learning(warm_policy), "capo.w_process=0", "rollout.backend=hf"
+        tmp_path,
+        model_build_dir,
+        *learning(warm_policy),
+        *OUTCOME_ONLY,
+        "capo.w_process=0",
+        "rollout.backend=hf",
     )
     check_step(record)
     check_learns(record)  # mixed outcomes within a group: GRPO's own signal
