@@ -105,6 +105,7 @@ def test_model_judge_backends(tmp_path, model_build_dir, warm_policy, judge):
         *learning(warm_policy),
         *OUTCOME_ONLY,
         f"judge.backend={judge}",
+        f"judge.model_path={warm_policy}",
         "rollout.backend=hf",
     )
     check_step(record)
