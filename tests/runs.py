@@ -31,8 +31,10 @@ FAST = [
 # tiny policy SFT-warm-started briefly (capo_dist.warmstart), so it writes step-format
 # solutions, gets some answers right and some steps wrong. A random policy never answers:
 # every reward, advantage and gradient is zero and a test cannot tell trained from untrained
-# weights. Build: ~1 min on one core (it trains on one thread), no held-out evaluation.
-# Measured (tests/conftest.py docstring) on the tests' data at 48 new tokens.
+# weights. Build: ~50 s of CPU on one thread, no held-out evaluation. Measured on 96 of the
+# tests' problems, 2 samples each, 48 new tokens: accuracy 0.20, 23 % of 2-sample groups
+# mixed, 79 % of responses with a wrong step, 4 % cut off (300 steps: accuracy 0.14; the
+# 1800-step default: 0.37 but ~3 min).
 WARM_START = WarmStartConfig(train_size=2000, steps=500, eval_size=0, spec=TinyModelSpec())
 
 
