@@ -106,6 +106,7 @@ def test_model_judge_backends(tmp_path, model_build_dir, warm_policy, judge):
         *OUTCOME_ONLY,
         f"judge.backend={judge}",
         f"judge.model_path={warm_policy}",
+        "capo.num_critiques=1",  # one critique per response: half the judge's generation
         "rollout.backend=hf",
     )
     check_step(record)
