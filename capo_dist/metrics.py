@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -17,6 +20,55 @@ _BAR_KEYS = ("reward_mean", "accuracy", "process_penalty_rate", "tokens_per_s", 
 
 def _jsonable(value: float) -> float | None:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+_STEP_FILE = re.compile(r"^step_(\d+)(?:\.jsonl)?$")
+
+
+def forget_steps_after(run_dir: Path, step: int) -> int:
+    """Make `run_dir` hold what a run stopped right after `step` would have written.
+
+    A run resumed from the checkpoint of `step` re-trains every later step and
+    logs it again; without this, the rows of those steps written before the
+    crash would stay in `metrics.jsonl` beside the new ones (and a row torn by
+    the crash would break every reader). Keeps the rows with `"step" <= step`
+    (step 0: the initial evaluation) that parse, in order; the file is
+    rewritten beside itself and renamed over it, so a crash here leaves the old
+    file or the new one, never a mix. Removes `samples/step_N.jsonl` and
+    `eval/step_N/` for N > `step`. Returns how many rows were dropped.
+    """
+    metrics = run_dir / "metrics.jsonl"
+    dropped = 0
+    if metrics.is_file():
+        kept = []
+        for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                keep = int(row["step"]) <= step
+            except (ValueError, TypeError, KeyError):
+                keep = False  # a row cut short by the crash
+            if keep:
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            tmp = metrics.with_name(f"metrics.jsonl.tmp-{os.getpid()}")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, metrics)
+    for sub in ("samples", "eval"):
+        if not (run_dir / sub).is_dir():
+            continue
+        for path in (run_dir / sub).iterdir():
+            m = _STEP_FILE.match(path.name)
+            if m and int(m.group(1)) > step:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+    return dropped
 
 
 class MetricsLogger:

@@ -40,7 +40,7 @@ from capo_dist.judge_health import JudgeUnusableError, invalid_streak_check, jud
 from capo_dist.judge_worker import JudgeWorker
 from capo_dist.learner import LearnerConfig
 from capo_dist.learner_group import LearnerGroup, get_all
-from capo_dist.metrics import MetricsLogger
+from capo_dist.metrics import MetricsLogger, forget_steps_after
 from capo_dist.models import TinyModelSpec, build_tiny_model
 from capo_dist.placement import LEARNER, ClusterPlan, reserve_roles
 from capo_dist.rollout_worker import RolloutWorker
@@ -224,6 +224,11 @@ class Trainer:
         # Steps in a row whose critiques were all invalid (judge.max_invalid_steps).
         self.invalid_steps = 0
         self.latest_weights: list[ray.ObjectRef] = []
+        # With trainer.sync.verify: the last trained batch (its first response probes
+        # restarted engines) and the largest engine/learner difference seen after a
+        # restarted engine was reloaded in the current step (None: no reload).
+        self._probe: TrainBatch | None = None
+        self._recovery_diff: float | None = None
         self._resume()
         self.logger = MetricsLogger(self.run_dir, cfg)
 
@@ -381,6 +386,11 @@ class Trainer:
                 "gather_weight_buckets", self.cfg.trainer.sync.bucket_mb << 20
             )
         ray.get([w.load_weights.remote(self.latest_weights, self.version) for w in behind])
+        if self.cfg.trainer.sync.verify and self._probe is not None:
+            # The reloaded engines resample the lost chunks now: check they hold the
+            # learner's current policy before they do (the next sync would hide it).
+            diff, _ = self._verify_sync(self._probe, behind, "reloading a restarted engine")
+            self._recovery_diff = max(diff, self._recovery_diff or 0.0)
 
     # ------------------------------------------------------ train, sync, ckpt
 
@@ -392,8 +402,10 @@ class Trainer:
             where = (
                 f"the last checkpoint is {last}" if last else "no checkpoint has been written yet"
             )
+            # A checkpoint or the export is written after the step counter moved on.
+            step = self.step if method in ("save_checkpoint", "export_hf") else self.step + 1
             raise LearnerDiedError(
-                f"a learner rank died during {method} at step {self.step + 1} ({type(err).__name__}); "
+                f"a learner rank died during {method} at step {step} ({type(err).__name__}); "
                 f"ZeRO-3 state is sharded across ranks, so the run stops. {where}; rerun with "
                 f"trainer.resume=auto trainer.checkpoint_dir={self.checkpoints.dir} to continue."
             ) from err
@@ -445,31 +457,36 @@ class Trainer:
         sends = self._learners("broadcast_weights", bucket_bytes)
         return get_all(loads + sends, what="weight sync")[: len(loads)]
 
-    def _verify_sync(self, batch: TrainBatch) -> tuple[float, float]:
+    def _verify_sync(
+        self, batch: TrainBatch, workers: list | None = None, when: str | None = None
+    ) -> tuple[float, float]:
         """Largest |log-prob| difference between any engine and the learner on one response,
         and how far the learner's log-probs moved from the sampler's on it.
 
         Scores the first response of `batch` (its real prompt and sampled tokens)
-        with every rollout engine's current weights and with the learner's, so an
-        engine that missed the sync, or loaded it wrongly, is caught the step it
-        happens instead of silently sampling from another policy.
+        with the current weights of `workers` (default: every rollout engine) and
+        the learner's, so an engine that missed the sync, or loaded it wrongly, is
+        caught the step it happens instead of silently sampling from another policy.
+        `when` names the occasion in the error (default: after the step's sync).
         """
         ids, att, mask = batch.input_ids[:1], batch.attention_mask[:1], batch.loss_mask[:1]
         n = int(att.sum())
         resp = mask[0, :n].nonzero().flatten()
         if len(resp) == 0:
-            return 0.0
+            return 0.0, 0.0
         start, end = int(resp[0]), int(resp[-1]) + 1
         prompt, continuation = ids[0, :start].tolist(), ids[0, start:end].tolist()
         learner = self._learners("compute_logprobs", ids[:, :end], att[:, :end])[0, start:end]
-        engines = ray.get([w.sequence_logprobs.remote(prompt, continuation) for w in self.rollout])
+        workers = self.rollout if workers is None else workers
+        engines = ray.get([w.sequence_logprobs.remote(prompt, continuation) for w in workers])
         diff = max(float((torch.tensor(e) - learner).abs().max()) for e in engines)
         # How far the policy moved since this response was sampled: the check above only
         # shows the engines took the update when this is well above it.
         moved = float((learner - batch.sampler_logprobs[0, start:end]).abs().max())
         if diff > self.cfg.trainer.sync.verify_tol:
             raise RuntimeError(
-                f"weight sync check failed after step {self.step}: an engine's log-probs differ "
+                f"weight sync check failed {when or f'after step {self.step}'}: an engine's "
+                "log-probs differ "
                 f"from the learner's by {diff:.3g} (> trainer.sync.verify_tol="
                 f"{self.cfg.trainer.sync.verify_tol}); the engines are not sampling the trained policy"
             )
@@ -509,7 +526,12 @@ class Trainer:
         ray.get([w.restore.remote(s) for w, s in zip(self.rollout, state["rollout"], strict=True)])
         ray.get([j.restore.remote(s) for j, s in zip(self.judges, state["judge"], strict=True)])
         self._sync()  # engines start from the checkpoint's policy
-        print(f"[capo_dist] resumed from {ckpt} at step {self.step}")
+        # Steps after the checkpoint are trained again: drop what the crashed run logged of them.
+        dropped = forget_steps_after(self.run_dir, self.step)
+        print(
+            f"[capo_dist] resumed from {ckpt} at step {self.step}"
+            + (f" ({dropped} metric rows after it dropped, to be re-logged)" if dropped else "")
+        )
 
     # ------------------------------------------------------------------ loop
 
@@ -567,6 +589,9 @@ class Trainer:
             if t.sync.verify:
                 diff, moved = self._verify_sync(exp.batch)
                 record.update(sync_max_logprob_diff=diff, sync_policy_moved=moved)
+                if self._recovery_diff is not None:
+                    record["sync_recovery_max_logprob_diff"] = self._recovery_diff
+                self._probe, self._recovery_diff = exp.batch, None
             if self.benches and (last or (cfg.eval.every and self.step % cfg.eval.every == 0)):
                 record.update(self._evaluate())
             self.logger.log(record)

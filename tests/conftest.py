@@ -1,6 +1,8 @@
 """Shared fixtures: the path to ../shared/data (read by path, never copied); hypothesis profiles."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,66 @@ def shared_data() -> Path:
 def model_build_dir(tmp_path_factory) -> Path:
     """One directory for the locally built tiny policy, shared by every run in the session."""
     return tmp_path_factory.mktemp("models")
+
+
+_WARM_BUILD: list[subprocess.Popen] = []  # the background build started at collection
+
+
+def _warm_policy_dir() -> Path:
+    """Where `warm_policy` lives: the cache, keyed by `tests.runs.WARM_START`."""
+    from capo_dist.config import DataConfig
+    from capo_dist.hub_models import default_cache_dir
+    from capo_dist.warmstart import _cache_key
+    from tests.runs import WARM_START
+
+    return (
+        default_cache_dir()
+        / "models"
+        / f"warm-{_cache_key(WARM_START, DataConfig.prompt_template)}"
+    )
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """When a selected test needs `warm_policy` and it is not cached (a fresh machine), start
+    building it now in a background process: it trains on one thread, so on a 2-core machine
+    it costs the tests that run before the first end-to-end one little or nothing."""
+    if any("warm_policy" in getattr(item, "fixturenames", ()) for item in items):
+        if not (_warm_policy_dir() / "warmstart.json").exists():
+            code = (
+                "from capo_dist.hub_models import default_cache_dir; "
+                "from capo_dist.warmstart import warm_start; from tests.runs import WARM_START; "
+                "warm_start(default_cache_dir() / 'models', WARM_START)"
+            )
+            _WARM_BUILD.append(
+                subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL)
+            )
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """A background build no test waited for (e.g. the session stopped early) is stopped."""
+    for build in _WARM_BUILD:
+        if build.poll() is None:
+            build.terminate()
+            build.wait()
+
+
+@pytest.fixture(scope="session")
+def warm_policy() -> Path:
+    """The tiny policy warm-started with `tests.runs.WARM_START`: it earns rewards, so the
+    end-to-end runs that use it (`tests.runs.learning`) train with a non-zero gradient.
+
+    Built once per machine into `capo_dist.hub_models.default_cache_dir()/models`
+    (keyed by its configuration; ~1 min on one core when cold, as on a fresh CI machine),
+    in the background from collection on (`pytest_collection_modifyitems`).
+    """
+    from capo_dist.hub_models import default_cache_dir
+    from capo_dist.warmstart import warm_start
+    from tests.runs import WARM_START
+
+    for build in _WARM_BUILD:
+        build.wait()
+    # The cached build (or, if the background one failed, a build here with its error).
+    return warm_start(default_cache_dir() / "models", WARM_START)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import requests
 from capo_dist import report
 from capo_dist.trainer import Trainer
 from tests.conftest import SHARED_DATA
-from tests.runs import compose_run, read_metrics
+from tests.runs import compose_run, learning, read_metrics
 
 pytestmark = pytest.mark.slow
 GAUGES = ("capo_rollout_tokens_per_s", "capo_judge_latency_s", "capo_reward_mean", "capo_step_s")
@@ -24,7 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_wandb_ray_metrics_eval_and_report(tmp_path, model_build_dir):
+def test_wandb_ray_metrics_eval_and_report(tmp_path, model_build_dir, warm_policy):
     gsm8k = SHARED_DATA / "gsm8k" / "test.jsonl"
     if not gsm8k.is_file():
         pytest.skip(f"{gsm8k} not found")
@@ -32,6 +32,7 @@ def test_wandb_ray_metrics_eval_and_report(tmp_path, model_build_dir):
     cfg = compose_run(
         tmp_path,
         model_build_dir,
+        *learning(warm_policy),
         "logging.wandb_mode=offline",
         f"ray.metrics_export_port={port}",
         f"+eval.benches.gsm8k={gsm8k}",
@@ -55,6 +56,7 @@ def test_wandb_ray_metrics_eval_and_report(tmp_path, model_build_dir):
     assert 'role="rollout-0"' in text and 'role="judge-0"' in text
 
     (record,) = read_metrics(tmp_path)
+    assert record["train_grad_norm"] > 0
     assert {"eval/gsm8k/pass@1", "eval/gsm8k/mean@2"} <= record.keys()
     table = json.loads((tmp_path / "eval" / "step_000001" / "eval.json").read_text())
     assert "gsm8k" in json.dumps(table)

@@ -1,6 +1,7 @@
 """End-to-end CAPO steps on CPU with the real components: Ray, DeepSpeed ZeRO-3 (2 ranks,
 gloo), vLLM's CPU build and Hugging Face engines, every judge backend."""
 
+import json
 import os
 import re
 import socket
@@ -16,8 +17,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from capo_dist.engines import make_engine
+from capo_dist.step_checker import solution_is_clean
 from capo_dist.trainer import Trainer, load_problems, prepare_policy
-from tests.runs import FAST, compose_run, launch, read_metrics, readme_argv
+from tests.runs import (
+    FAST,
+    OUTCOME_ONLY,
+    compose_run,
+    launch,
+    learning,
+    read_metrics,
+    readme_argv,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -42,16 +52,6 @@ README_GRPO = "python -m capo_dist.launch capo.w_process=0"
 README_SWEEP = "python -m capo_dist.launch -m capo.vote=intersection,majority,union,average"
 
 
-def train(tmp_path: Path, build_dir: Path, *overrides: str) -> list[dict]:
-    cfg = compose_run(tmp_path, build_dir, *overrides)
-    trainer = Trainer(cfg)
-    try:
-        trainer.run()
-    finally:
-        trainer.close()
-    return read_metrics(tmp_path)
-
-
 def check_step(record: dict) -> None:
     assert CONTRACT_METRICS <= record.keys()
     assert 0.0 <= record["accuracy"] <= 1.0
@@ -61,7 +61,12 @@ def check_step(record: dict) -> None:
     assert record["policy_version"] == record["step"]
 
 
-def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir):
+def check_learns(record: dict) -> None:
+    """The step trained on something: a non-zero gradient (a policy that earns rewards)."""
+    assert record["train_grad_norm"] > 0 and record["advantage_abs_mean"] > 0
+
+
+def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir, warm_policy):
     """Two vLLM engines synced through the collective path (gloo), one step of overlap;
     launched as the README's `make run ARGS="..."`, whose terminal shows the progress bar
     while the engines' own logs go to the run directory."""
@@ -69,6 +74,7 @@ def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir):
         README_MAKE_RUN,
         tmp_path,
         model_build_dir,
+        *learning(warm_policy),
         "trainer.total_steps=2",
         "trainer.max_staleness=1",
         "rollout.backend=vllm",
@@ -89,9 +95,10 @@ def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir):
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
         check_step(r)
+        check_learns(r)
         assert r["judge_invalid_rate"] == 0.0  # the symbolic judge always answers in format
     # Step 2 trains on a batch sampled during step 1, one version behind: it is corrected
-    # (tests/learner pins the corrected ratio; this random policy earns no reward to move it).
+    # (tests/learner pins the corrected ratio).
     assert records[0]["train_stale_frac"] == 0.0 and records[1]["train_stale_frac"] == 1.0
     # The exported final policy loads in vLLM and in transformers, with the same log-probs.
     policy = str(tmp_path / "policy")
@@ -109,14 +116,18 @@ def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir):
 
 
 @pytest.mark.parametrize("judge, on_invalid", [("hf", "error"), ("vllm", "warn")])
-def test_model_judge_backends(tmp_path, model_build_dir, judge, on_invalid):
-    """A tiny random judge talks nonsense: its critiques are invalid and abstain, never crash,
-    and the step trains. With every critique invalid for judge.max_invalid_steps=1 step (the
+def test_model_judge_backends(tmp_path, model_build_dir, warm_policy, judge, on_invalid):
+    """The policy as its own judge talks arithmetic, not critiques: they are invalid and
+    abstain, never crash, and the outcome reward still trains. With every critique invalid for judge.max_invalid_steps=1 step (the
     default is 3, more than this 1-step run), on_invalid=error stops the run after that step
     (its metrics logged) naming the judge; warn says so loudly and goes on. With
     `logging.verbose=true` (the vLLM judge) its engine's logs come back to the terminal."""
     overrides = (
+        *learning(warm_policy),
+        *OUTCOME_ONLY,
         f"judge.backend={judge}",
+        f"judge.model_path={warm_policy}",
+        "capo.num_critiques=1",  # one critique per response: half the judge's generation
         "rollout.backend=hf",
         "judge.max_invalid_steps=1",
         f"judge.on_invalid={on_invalid}",
@@ -139,6 +150,7 @@ def test_model_judge_backends(tmp_path, model_build_dir, judge, on_invalid):
     else:
         assert (tmp_path / "logs" / "judge-0.log").is_file()
     check_step(record)
+    check_learns(record)
     assert record["judge_invalid_rate"] == 1.0 and record["judge_invalid_steps"] == 1
     assert record["judge_abstain_rate"] == 1.0
 
@@ -234,14 +246,29 @@ def test_openai_judge_against_vllm_server(tmp_path, model_build_dir):
     assert not leaked, f"the API key was written to {leaked}"
 
 
-def test_grpo_baseline_skips_the_judge(tmp_path, model_build_dir):
-    launch(README_GRPO, tmp_path, model_build_dir, "rollout.backend=hf")
+def test_grpo_baseline_skips_the_judge(tmp_path, model_build_dir, warm_policy):
+    """`capo.w_process=0` is GRPO: no judge runs and no token is penalised, although some
+    responses have a step the symbolic judge flags (CAPO would penalise them)."""
+    launch(
+        README_GRPO,
+        tmp_path,
+        model_build_dir,
+        *learning(warm_policy),
+        *OUTCOME_ONLY,
+        "rollout.backend=hf",
+    )
     (record,) = read_metrics(tmp_path)
     check_step(record)
+    check_learns(record)  # mixed outcomes within a group: GRPO's own signal
     assert record["process_penalty_rate"] == 0.0 and record["time_judge"] == 0.0
+    samples = [json.loads(x) for x in (tmp_path / "samples" / "step_000001.jsonl").open()]
+    flawed = [s for s in samples if not solution_is_clean(s["response"])]
+    assert flawed, "no response with a wrong step: the check below would be vacuous"
+    for s in samples:  # outcome only: 2 where the answer is right, else 0, on every token
+        assert not s["critiques"] and set(s["token_rewards"]) == {2.0 * s["correct"]}
 
 
-def test_sweep_two_vote_modes(tmp_path, model_build_dir):
+def test_sweep_two_vote_modes(tmp_path, model_build_dir, warm_policy):
     """The README's sweep over the four vote modes with `capo.vote=intersection,majority`
     appended (Hydra keeps a key's last value: two jobs, not four end-to-end runs): one run
     directory with metrics each."""
@@ -253,6 +280,7 @@ def test_sweep_two_vote_modes(tmp_path, model_build_dir):
             f"model.build_dir={model_build_dir}",
             f"hydra.sweep.dir={tmp_path}",
             *FAST,
+            *learning(warm_policy),
         ),
         capture_output=True,
         text=True,
@@ -264,4 +292,6 @@ def test_sweep_two_vote_modes(tmp_path, model_build_dir):
     assert len(runs) == 2
     assert "capo.vote=intersection" in runs[0].name and "capo.vote=majority" in runs[1].name
     for run in runs:
-        check_step(read_metrics(run)[0])
+        (record,) = read_metrics(run)
+        check_step(record)
+        check_learns(record)

@@ -1,79 +1,58 @@
-"""Worker faults with real processes: SIGKILL a rollout worker and a judge worker while a
-step is in flight; the step completes on restarted workers with every prompt trained
-exactly once. SIGKILL a learner rank: the run stops with a clear message and
-`trainer.resume=auto` continues from the last checkpoint."""
+"""Worker faults with real processes: SIGKILL one of two rollout workers and one of two judge
+workers while a step is in flight; the step completes on restarted workers, which re-run
+exactly the killed workers' chunks, sample with the learner's current weights (checked
+right after the reload, before they resample), and every prompt is trained exactly once.
+(A learner rank killed: tests/integration/test_resume.py.)"""
 
 import json
-import os
-import signal
 from collections import Counter
 
 import pytest
-import ray
 
-from capo_dist.trainer import LearnerDiedError, Trainer
-from tests.runs import compose_run, read_metrics
+from tests.runs import FaultyTrainer, compose_run, learning, read_metrics, run
 
 pytestmark = pytest.mark.slow
 
 
-def pid_of(actor) -> int:
-    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
-
-
-class FaultyTrainer(Trainer):
-    """The real Trainer, with processes SIGKILLed at chosen points (fault injection only)."""
-
-    kill_workers_at_collect: int | None = None  # kill when step N's collection is submitted
-    kill_learner_at_step: int | None = None  # kill learner-1 before step N trains
-
-    def _collect(self):
-        pids = []
-        if self.kill_workers_at_collect == self.step + 1:
-            pids = [pid_of(self.rollout[0]), pid_of(self.judges[0])]
-        pending = super()._collect()
-        for pid in pids:  # the chunks are queued or running on these actors now
-            os.kill(pid, signal.SIGKILL)
-        if pids:
-            self.kill_workers_at_collect = None
-        return pending
-
-    def _learners(self, method, *args):
-        if method == "train_step" and self.kill_learner_at_step == self.step + 1:
-            os.kill(pid_of(self.learners.actors[1]), signal.SIGKILL)
-        return super()._learners(method, *args)
-
-
-def run(trainer: Trainer) -> None:
-    try:
-        trainer.run()
-    finally:
-        trainer.close()
-
-
-def test_rollout_and_judge_killed_mid_step(tmp_path, model_build_dir):
+def test_rollout_and_judge_killed_mid_step(tmp_path, model_build_dir, warm_policy):
     """On the collective path (gloo): a restarted engine is out of the weight-transfer group,
     so the driver loads it through the object store and the run syncs that way from then
     on; both sync paths run (the object store alone is the same recovery minus the switch)."""
     cfg = compose_run(
         tmp_path,
         model_build_dir,
+        *learning(warm_policy),
         "trainer.total_steps=2",
         "rollout.prompts_per_step=6",
+        "rollout.num_workers=2",
+        "judge.num_workers=2",
         "logging.samples_per_step=1000",
         "trainer.sync.transport=gloo",
+        "trainer.sync.verify=true",
+        "trainer.lr=1e-3",  # the policy moves well beyond verify_tol in one step
         "rollout.backend=vllm",
         "rollout.kv_cache_space_gib=0.1",
     )
     trainer = FaultyTrainer(cfg)
     trainer.kill_workers_at_collect = 2
+    trainer.kill_worker_index = 1  # rollout-1 and judge-1: chunks 1 and 3 of 4
     run(trainer)
     assert trainer.transport == "object_store"
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2]
-    assert records[1]["chunks_recovered"] >= 1
     for r in records:
         assert r["prompts"] == 6 and r["responses"] == 6 * cfg.rollout.samples_per_prompt
+        assert r["train_grad_norm"] > 0
+        assert r["sync_max_logprob_diff"] <= cfg.trainer.sync.verify_tol
+    # Exactly the killed worker's chunks were run again (chunk i runs on worker i % 2).
+    assert records[0]["chunks_recovered"] == 0
+    assert records[1]["chunks_recovered"] == cfg.rollout.chunks_per_worker
+    # The restarted engine was reloaded with the policy trained in step 1 before it resampled:
+    # it matches the learner, and that policy is measurably not the one it started with.
+    assert records[1]["sync_recovery_max_logprob_diff"] <= cfg.trainer.sync.verify_tol
+    assert records[0]["sync_policy_moved"] > 20 * cfg.trainer.sync.verify_tol
+    # Every row trained was sampled by the current policy (none by a stale engine).
+    assert records[1]["train_stale_frac"] == 0.0
     # Nothing lost, nothing twice: each prompt of the step appears exactly G times.
     samples = [
         json.loads(x) for x in (tmp_path / "samples" / "step_000002.jsonl").read_text().splitlines()
@@ -83,24 +62,3 @@ def test_rollout_and_judge_killed_mid_step(tmp_path, model_build_dir):
     assert sorted(Counter((s["uid"], s["group_index"]) for s in samples).values()) == [1] * len(
         samples
     )
-
-
-def test_learner_killed_stops_clearly_then_resumes(tmp_path, model_build_dir):
-    cfg = compose_run(
-        tmp_path, model_build_dir, "trainer.total_steps=3", "trainer.checkpoint_every=1"
-    )
-    trainer = FaultyTrainer(cfg)
-    trainer.kill_learner_at_step = 2
-    with pytest.raises(
-        LearnerDiedError, match=r"learner rank died .* step 2.*step_00000001.*trainer.resume=auto"
-    ):
-        run(trainer)
-    cfg = compose_run(
-        tmp_path,
-        model_build_dir,
-        "trainer.total_steps=3",
-        "trainer.checkpoint_every=1",
-        "trainer.resume=auto",
-    )
-    run(Trainer(cfg))
-    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
