@@ -219,6 +219,19 @@ def test_cumulative_fallback_equals_byte_level_on_whole_char_tokens(tokenizer):
     assert _cumulative_offsets(tokenizer, ids, text, True) == token_char_offsets(tokenizer, ids)
 
 
+def test_cumulative_fallback_on_cut_characters(tokenizer):
+    """Byte tokens that cut a character: a prefix decodes to U+FFFD, which is not a prefix
+    of the text, so the token's span ends where the decodes last agree (hand-computed)."""
+    ids = _single_byte_ids(tokenizer, "中a中")  # 3 + 1 + 3 byte tokens
+    text = tokenizer.decode(ids)
+    assert text == "中a中"
+    assert _cumulative_offsets(tokenizer, ids, text, True) == [
+        (0, 0), (0, 0), (0, 1),  # 中 ends with its last byte; the first two are empty
+        (1, 2),  # a
+        (2, 2), (2, 2), (2, 3),
+    ]  # fmt: skip
+
+
 def test_offsets_generic_tokenizer(tmp_path):
     """A non-byte-level (Metaspace/SentencePiece-style) tokenizer uses the generic path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
