@@ -24,7 +24,9 @@ _TAIL = (
 
 
 def test_prompt_with_reference_answer_exactly():
-    got = build_critique_prompt("  What is 2+2?\n", [" 2+2 = 5.\n", "So 5. "], reference_answer=" 4 ")
+    got = build_critique_prompt(
+        "  What is 2+2?\n", [" 2+2 = 5.\n", "So 5. "], reference_answer=" 4 "
+    )
     assert got == (
         _HEAD.format(ref_clause=" with its reference final answer")
         + "What is 2+2?\n"
