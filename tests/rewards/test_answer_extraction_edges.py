@@ -27,6 +27,25 @@ def test_answer_is_phrases(text, expected):
     assert extract_answer(text) == expected
 
 
+_LONGEST = "1" * MAX_ANSWER_CHARS
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("\\boxed{" + _LONGEST + "}", _LONGEST),  # the longest answer a box may hold
+        ("\\boxed " + _LONGEST + " then", _LONGEST),  # the same without braces
+        # one longer is no answer; an earlier box is used instead
+        ("\\boxed{5} then \\boxed{" + _LONGEST + "1}", "5"),
+        ("\\boxed{\\{1}", "\\{1"),  # an escaped brace does not open a group
+        ("so \\boxed ", None),  # a box at the very end of the text
+        ("so \\boxed", None),
+    ],
+)
+def test_box_edges(text, expected):
+    assert extract_answer(text) == expected
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

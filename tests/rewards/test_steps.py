@@ -307,3 +307,76 @@ def test_end_to_end_whitespace_tokens_between_steps(tokenizer):
             prev = max(i for i, (a, _) in enumerate(spans) if a <= max(s, spans[0][0]))
             assert k == prev
     assert steps[-1] == len(spans) - 1
+
+
+# --------------------------------------------------------------------------- byte-level table
+# These read the table and the decoder check directly: `token_char_offsets` builds them once
+# per tokenizer and caches them, so a test of offsets sees them only through whichever test
+# ran first.
+
+
+def _fast_tokenizer(decoder):
+    """A tiny fast tokenizer whose Rust backend has `decoder` (None: no decoder)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    if decoder is not None:
+        tok.decoder = decoder
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_is_byte_level_reads_the_backend_decoder(tokenizer):
+    from types import SimpleNamespace
+
+    from tokenizers import decoders
+
+    from capo_dist.rewards.steps import _is_byte_level
+
+    assert _is_byte_level(tokenizer) is True  # a plain ByteLevel decoder
+    seq = decoders.Sequence([decoders.Fuse(), decoders.ByteLevel()])  # ByteLevel inside
+    assert _is_byte_level(_fast_tokenizer(seq)) is True
+    assert _is_byte_level(_fast_tokenizer(decoders.Sequence([decoders.Metaspace()]))) is False
+    assert _is_byte_level(_fast_tokenizer(decoders.Metaspace())) is False
+    assert _is_byte_level(_fast_tokenizer(None)) is False  # no decoder
+    assert _is_byte_level(object()) is False  # no Rust backend at all
+    unreadable = SimpleNamespace(backend_tokenizer=SimpleNamespace(decoder=SimpleNamespace()))
+    assert _is_byte_level(unreadable) is False  # a decoder state that is not JSON
+
+
+def test_byte_table_maps_each_id_to_its_bytes(tokenizer):
+    import copy
+
+    from tokenizers import decoders
+
+    from capo_dist.rewards.steps import _ByteTable
+
+    table = _ByteTable(tokenizer)
+    size = len(tokenizer)
+    assert table.byte_level is True and table.size == size
+    assert len(table.skip) == len(table.keep) == size
+    special = set(tokenizer.all_special_ids)
+    for tid in special:  # skipped specials decode to nothing; kept ones to their text
+        assert table.skip[tid] == b""
+        assert table.keep[tid] == tokenizer.convert_ids_to_tokens(tid).encode("utf-8")
+    checked = 0
+    for tid in set(range(size)) - special:
+        raw = table.skip[tid]
+        assert raw is not None and raw == table.keep[tid]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:  # a lone byte of a longer character
+            continue
+        assert text == tokenizer.decode([tid]), tid
+        checked += 1
+    assert checked > size // 2
+    # an added non-special token decodes verbatim: not a byte-level piece
+    extra = copy.deepcopy(tokenizer)
+    extra.add_tokens(["<step>"])
+    table = _ByteTable(extra)
+    new = extra.convert_tokens_to_ids("<step>")
+    assert table.size == size + 1 and table.skip[new] is None and table.keep[new] is None
+    assert table.skip[tokenizer.eos_token_id] == b""
+    # not byte-level: no table
+    plain = _ByteTable(_fast_tokenizer(decoders.Metaspace()))
+    assert plain.byte_level is False and plain.skip == [] and plain.keep == []
