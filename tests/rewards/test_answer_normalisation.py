@@ -30,6 +30,11 @@ from capo_dist.rewards.answers import nesting_depth, normalize_answer, parse_num
         ("3 \\textbf{ meters}", "3"),  # a text block after a number is a unit: dropped
         ("(2) \\text{ cm}^{2}", "(2)"),  # ... with its power
         ("\\text{cm} 3", "cm3"),  # a text block BEFORE the number is kept
+        ("5 \\text{cm", "5\\text{cm"),  # an unclosed text block is left as it is
+        ("5\\text{cm}\\text{zz}", "5"),  # two units in a row: both dropped
+        ("3 \\text{ zz}", "3"),  # any text after a number is a unit or remark
+        ("x \\text{ and } y", "xandy"),  # text after a letter is part of the answer
+        ("\\text{a}" * 65, "a" * 64 + "\\text{a}"),  # at most 64 text blocks handled
         ("\\alpha = 3", "3"),
         ("x_1 = 4", "4"),
         ("y_{12} = 4", "4"),
