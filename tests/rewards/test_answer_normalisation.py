@@ -72,6 +72,9 @@ _LONGEST_FRAC = _WHOLE + "\\frac{" + _NUM_395 + "}{" + _DEN_396 + "}"  # 1200 = 
         ("+3/4", Fraction(3, 4)),
         ("-3/4", Fraction(-3, 4)),
         ("3/0", None),
+        ("6/1", Fraction(6)),
+        ("\\frac{3}{1}", Fraction(3)),
+        ("2\\frac{0}{3}", Fraction(2)),  # a zero fraction still makes a mixed number
         ("\\frac{3}{0}", None),
         ("\\frac{3}{0.0}", None),
         ("\\frac{1}{2.5}", Fraction(2, 5)),
