@@ -40,6 +40,10 @@ from capo_dist.rewards.answers import nesting_depth, normalize_answer, parse_num
         ("y_{12} = 4", "4"),
         ("x = ", "x="),  # nothing on the right: not a left-hand side
         ("7 . ", "7"),
+        ("1,000.", "1000"),  # the trailing period goes before thousands are read
+        (".5", ".5"),  # only TRAILING periods go
+        ("MAX", "MAX"),
+        ("5.\t.", "5"),  # a period left bare by removing whitespace goes too
         ("5 square feet", "5"),
         ("5 sq ft", "5"),
         ("5 m^2", "5"),
