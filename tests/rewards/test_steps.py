@@ -380,3 +380,27 @@ def test_byte_table_maps_each_id_to_its_bytes(tokenizer):
     # not byte-level: no table
     plain = _ByteTable(_fast_tokenizer(decoders.Metaspace()))
     assert plain.byte_level is False and plain.skip == [] and plain.keep == []
+
+
+def test_byte_level_offsets_guards_and_kept_specials(tokenizer):
+    """Out-of-range ids leave the byte-level path (None); id 0 is an id like any other;
+    with specials kept, their text is part of the decode and of the offsets."""
+    from capo_dist.rewards.steps import _byte_level_offsets, _byte_table
+
+    table = _byte_table(tokenizer)
+    ids = tokenizer.encode("ab 1", add_special_tokens=False)
+    text = tokenizer.decode(ids)
+    offsets = _byte_level_offsets(table, ids, text, True)
+    assert offsets == _byte_oracle(tokenizer, ids)
+    assert offsets[-1][1] == len(text) == 4
+    assert _byte_level_offsets(table, [*ids, table.size], text, True) is None
+    assert _byte_level_offsets(table, [*ids, table.size - 1], text, True) is None  # not the text
+    assert _byte_level_offsets(table, [-1, *ids], text, True) is None
+    zero = [0, *ids]
+    assert tokenizer.convert_ids_to_tokens(0) in tokenizer.all_special_tokens
+    zero_text = tokenizer.decode(zero, skip_special_tokens=True)
+    assert _byte_level_offsets(table, zero, zero_text, True) == [(0, 0), *offsets]
+    kept = [*ids, tokenizer.eos_token_id]
+    kept_text = tokenizer.decode(kept, skip_special_tokens=False)
+    assert kept_text == text + tokenizer.eos_token
+    assert _byte_level_offsets(table, kept, kept_text, False) == [*offsets, (4, len(kept_text))]
