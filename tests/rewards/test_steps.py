@@ -404,3 +404,57 @@ def test_byte_level_offsets_guards_and_kept_specials(tokenizer):
     kept_text = tokenizer.decode(kept, skip_special_tokens=False)
     assert kept_text == text + tokenizer.eos_token
     assert _byte_level_offsets(table, kept, kept_text, False) == [*offsets, (4, len(kept_text))]
+
+
+def test_byte_table_is_cached_per_tokenizer_until_its_vocab_grows(tokenizer):
+    import copy
+
+    from capo_dist.rewards.steps import _byte_table, _vocab_size
+
+    tok = copy.deepcopy(tokenizer)
+    first = _byte_table(tok)
+    assert _byte_table(tok) is first
+    size = _vocab_size(tok)
+    assert size == len(tok) == first.size
+    tok.add_tokens(["<step>"])
+    assert _vocab_size(tok) == size + 1  # added tokens count
+    grown = _byte_table(tok)
+    assert grown is not first and grown.size == size + 1 and _byte_table(tok) is grown
+    plain = _byte_table(["a", "b"])  # not weak-referenceable: built each time, not cached
+    assert plain.size == 2 and plain.byte_level is False and _byte_table(["a", "b"]) is not plain
+
+
+def test_decode_cleans_up_spaces_exactly_as_the_tokenizer_does(tokenizer):
+    import copy
+
+    from capo_dist.rewards.steps import _decode
+
+    tok = copy.deepcopy(tokenizer)
+    # transformers cleans up a BPE tokenizer's spaces only when told twice
+    tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    ids = tok.encode("a , b .", add_special_tokens=False)
+    texts = set()
+    for clean in (True, False):
+        tok.clean_up_tokenization_spaces = clean
+        text = _decode(tok, ids, True)
+        assert text == tok.decode(ids, skip_special_tokens=True)
+        texts.add(text)
+    assert texts == {"a, b.", "a , b ."}
+
+
+def test_slow_tokenizer_takes_the_generic_path(tmp_path):
+    """A pure-Python (slow) tokenizer has no Rust backend: decode and vocabulary size
+    come from the tokenizer itself."""
+    from transformers import BertTokenizer
+
+    from capo_dist.rewards.steps import _vocab_size
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "step", "one", "=", "3", "."]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = BertTokenizer(str(tmp_path / "vocab.txt"))
+    ids = tok.encode("step one = 3.", add_special_tokens=False) + [tok.sep_token_id]
+    text = tok.decode(ids, skip_special_tokens=True)
+    offs = token_char_offsets(tok, ids)
+    assert len(offs) == len(ids) and "".join(text[s:e] for s, e in offs) == text
+    assert offs[-1] == (len(text), len(text))
+    assert _vocab_size(tok) == len(words)
