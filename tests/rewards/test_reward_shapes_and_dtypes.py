@@ -50,3 +50,19 @@ def test_stack_critiques_of_no_responses():
     flags, valid = stack_critiques([[None, frozenset({2})]])
     assert flags.shape == (1, 2, 3) and valid.tolist() == [[False, True]]
     assert np.array_equal(flags[0, 1], [False, False, True])
+
+
+def test_stack_critiques_drops_out_of_range_steps_and_returns_bools():
+    flags, valid = stack_critiques([[frozenset({0, 3, 5, -1})]], num_steps=3)
+    assert flags.dtype == bool and valid.dtype == bool
+    assert flags.tolist() == [[[True, False, False]]] and valid.tolist() == [[True]]
+
+
+def test_vote_batch_reads_booleans_and_checks_shapes():
+    # any non-zero flag is one flag, any non-zero valid one valid critique
+    assert vote_batch(np.array([[[3, 0]]]), np.array([[2]]), "average").tolist() == [[1.0, 0.0]]
+    shapes = r"flags \[B, N, S\] and valid \[B, N\] expected"
+    with pytest.raises(ValueError, match=shapes):
+        vote_batch(np.zeros((1, 2, 3), bool), np.zeros((1, 3), bool), "union")
+    with pytest.raises(ValueError, match=shapes):
+        vote_batch(np.zeros((1, 2), bool), np.zeros((1, 2), bool), "union")

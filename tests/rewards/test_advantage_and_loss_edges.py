@@ -1,0 +1,61 @@
+"""Exact values at the edges of the advantage estimators and the PPO loss (advantages.py,
+loss.py): the ε in σ + ε, exact zeros of a constant group in float64, the defaults of
+the loss (no KL, stale cap 2) and its output dtype."""
+
+import math
+
+import pytest
+import torch
+
+from capo_dist.rewards.advantages import compute_advantages
+from capo_dist.rewards.loss import ppo_clip_loss
+
+
+@pytest.mark.parametrize("mode", ["group_token", "group_response"])
+def test_constant_group_is_exactly_zero_in_float64(mode):
+    # (0.1 + 0.1 + 0.1) / 3 != 0.1 in float64: the centred rewards are ~1e-17, not 0
+    rewards = torch.full((3, 2), 0.1, dtype=torch.float64)
+    adv = compute_advantages(rewards, torch.ones_like(rewards), torch.zeros(3), mode=mode)
+    assert adv.dtype == torch.float64 and torch.all(adv == 0)
+
+
+@pytest.mark.parametrize("mode", ["group_token", "group_response"])
+def test_scale_is_one_over_sigma_plus_eps(mode):
+    # two responses, rewards 0 and 1 on every token: μ = 0.5, σ = 0.5
+    rewards = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    adv = compute_advantages(
+        rewards, torch.ones_like(rewards), torch.tensor([4, 4]), mode=mode, eps=1e-3
+    )
+    a = 0.5 / 0.501
+    assert adv.flatten().tolist() == pytest.approx([-a, -a, a, a], abs=1e-12)
+
+
+def test_loss_defaults_apply_no_kl():
+    lp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-0.5, -2.5]])
+    loss, m = ppo_clip_loss(lp, lp, torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), ref_logprobs=ref)
+    assert m["kl"] > 0.1  # the KL is measured ...
+    assert loss.item() == m["pg_loss"] == 0.0  # ... but kl_coef defaults to 0
+
+
+def test_loss_default_stale_cap_is_two():
+    # the stale sampler drew the token e^2 times less often than old: capped at 2
+    old = torch.tensor([[-1.0]])
+    _, m = ppo_clip_loss(
+        old,
+        old,
+        torch.zeros(1, 1),
+        torch.ones(1, 1),
+        sampler_logprobs=torch.tensor([[-3.0]]),
+        stale=torch.tensor([True]),
+    )
+    assert m["ratio_mean"] == pytest.approx(2.0, rel=1e-6)
+    assert m["ratio_mean"] != pytest.approx(math.e**2, rel=1e-2)
+
+
+def test_loss_has_the_logprobs_dtype_whatever_the_mask_dtype():
+    lp = torch.tensor([[-1.0, -2.0]])
+    adv = torch.tensor([[1.0, -1.0]])
+    for mask in (torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.long)):
+        loss, _ = ppo_clip_loss(lp, lp, adv, mask)
+        assert loss.dtype == torch.float32 and loss.item() == 0.0
