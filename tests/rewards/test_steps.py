@@ -432,7 +432,7 @@ def test_decode_cleans_up_spaces_exactly_as_the_tokenizer_does(tokenizer):
     tok = copy.deepcopy(tokenizer)
     # transformers cleans up a BPE tokenizer's spaces only when told twice
     tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
-    ids = tok.encode("a , b .", add_special_tokens=False)
+    ids = [*tok.encode("a , b .", add_special_tokens=False), tok.eos_token_id]
     texts = set()
     for clean in (True, False):
         tok.clean_up_tokenization_spaces = clean
@@ -442,9 +442,9 @@ def test_decode_cleans_up_spaces_exactly_as_the_tokenizer_does(tokenizer):
     assert texts == {"a, b.", "a , b ."}
 
 
-def test_slow_tokenizer_takes_the_generic_path(tmp_path):
-    """A pure-Python (slow) tokenizer has no Rust backend: decode and vocabulary size
-    come from the tokenizer itself."""
+def test_wordpiece_tokenizer_takes_the_generic_path(tmp_path):
+    """A WordPiece tokenizer (not byte-level) takes the generic path; its vocabulary size
+    counts every token."""
     from transformers import BertTokenizer
 
     from capo_dist.rewards.steps import _vocab_size
@@ -458,3 +458,20 @@ def test_slow_tokenizer_takes_the_generic_path(tmp_path):
     assert len(offs) == len(ids) and "".join(text[s:e] for s, e in offs) == text
     assert offs[-1] == (len(text), len(text))
     assert _vocab_size(tok) == len(words)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "n"),
+    [
+        ("abc", "abcdef", 3),
+        ("a\ufffd\ufffd", "a中b", 1),
+        ("abcd\ufffd", "abcdefgh", 4),
+        ("\ufffd", "中", 0),
+        ("xyz", "abc", 0),
+        ("", "abc", 0),
+    ],
+)
+def test_common_prefix_len(a, b, n):
+    from capo_dist.rewards.steps import _common_prefix_len
+
+    assert _common_prefix_len(a, b) == n

@@ -123,3 +123,14 @@ def test_nesting_at_the_limit_goes_to_the_worker():
     delta = _delta(v, ZERO)
     assert delta["checks"] == 1 and delta["symbolic"] == 1 and "rejected" not in delta
     v.close()
+
+
+def test_is_correct_uses_one_shared_verifier_created_on_first_use(monkeypatch):
+    from capo_dist.rewards import verifier as verifier_module
+
+    monkeypatch.setattr(verifier_module, "_default", None)  # as in a fresh process
+    v = verifier_module.default_verifier()
+    assert isinstance(v, Verifier) and verifier_module.default_verifier() is v
+    assert verifier_module.is_correct("so \\boxed{3}.", "3") is True  # in-process verdicts
+    assert verifier_module.is_correct("so \\boxed{3}.", "4") is False
+    assert v.stats.as_dict() == {**ZERO, "checks": 2, "fast_path": 2}
