@@ -59,3 +59,39 @@ def test_loss_has_the_logprobs_dtype_whatever_the_mask_dtype():
     for mask in (torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.long)):
         loss, _ = ppo_clip_loss(lp, lp, adv, mask)
         assert loss.dtype == torch.float32 and loss.item() == 0.0
+
+
+def test_loss_and_metrics_by_hand_with_a_masked_token():
+    """Two live tokens and one masked (with values that would show if it counted)."""
+    lp = torch.tensor([[-1.0, -2.0, -3.0]])
+    old = torch.tensor([[-1.5, -2.0, -9.0]])
+    ref = torch.tensor([[-1.0, -2.5, 0.0]])
+    sampler = torch.tensor([[-1.5, -1.0, 0.0]])
+    adv = torch.tensor([[1.0, 1.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, m = ppo_clip_loss(
+        lp, old, adv, mask, ref_logprobs=ref, kl_coef=1.0, sampler_logprobs=sampler, tis_cap=10.0
+    )
+    r1 = math.exp(0.5)  # token 1: ratio e^0.5, clipped to 1.2; token 2: ratio 1
+    tis2 = math.exp(-1.0)  # token 2: exp(old - sampler); token 1: 1
+    pg = (-1.2 * 1.0 + -1.0 * tis2) / 2
+    kl2 = math.exp(-0.5) + 0.5 - 1.0  # token 2: d = ref - lp = -0.5; token 1: d = 0
+    expected = {
+        "clip_frac": 0.5,
+        "approx_kl": (r1 - 1.0 - 0.5) / 2,
+        "ratio_mean": (r1 + 1.0) / 2,
+        "kl": kl2 / 2,
+        "tis_mean": (1.0 + tis2) / 2,
+        "pg_loss": pg,
+        "stale_frac": 0.0,
+    }
+    assert m == pytest.approx(expected, rel=1e-6)
+    assert loss.item() == pytest.approx(pg + kl2 / 2, rel=1e-6)  # kl_coef = 1 counts
+
+
+def test_stale_rows_given_as_zero_one():
+    lp = torch.tensor([[-1.0], [-1.0]])
+    _, m = ppo_clip_loss(
+        lp, lp, torch.zeros(2, 1), torch.ones(2, 1), sampler_logprobs=lp, stale=torch.tensor([1, 0])
+    )
+    assert m["stale_frac"] == 0.5 and m["ratio_mean"] == 1.0
