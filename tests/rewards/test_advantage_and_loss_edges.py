@@ -13,9 +13,11 @@ from capo_dist.rewards.loss import ppo_clip_loss
 
 @pytest.mark.parametrize("mode", ["group_token", "group_response"])
 def test_constant_group_is_exactly_zero_in_float64(mode):
-    # (0.1 + 0.1 + 0.1) / 3 != 0.1 in float64: the centred rewards are ~1e-17, not 0
-    rewards = torch.full((3, 2), 0.1, dtype=torch.float64)
-    adv = compute_advantages(rewards, torch.ones_like(rewards), torch.zeros(3), mode=mode)
+    # (0.1 + 0.1 + 0.1) / 3 != 0.1 in float64: the centred rewards are ~1e-17, not 0;
+    # the masked last token holds another value, which must not make the group look varied
+    rewards = torch.tensor([[0.1, 0.1, 7.0]] * 3, dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 0.0]] * 3, dtype=torch.float64)
+    adv = compute_advantages(rewards, mask, torch.zeros(3), mode=mode)
     assert adv.dtype == torch.float64 and torch.all(adv == 0)
 
 
@@ -95,3 +97,24 @@ def test_stale_rows_given_as_zero_one():
         lp, lp, torch.zeros(2, 1), torch.ones(2, 1), sampler_logprobs=lp, stale=torch.tensor([1, 0])
     )
     assert m["stale_frac"] == 0.5 and m["ratio_mean"] == 1.0
+
+
+def test_advantage_dtypes():
+    ones = torch.ones(2, 2)
+    # integer rewards: computed and returned in float32
+    adv = compute_advantages(torch.tensor([[2, 0], [0, 0]]), ones, torch.zeros(2), mode="no_std")
+    assert adv.dtype == torch.float32 and adv.tolist() == [[1.5, -0.5], [-0.5, -0.5]]
+    # bfloat16 rewards: computed in float32, returned in bfloat16
+    r = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.bfloat16)
+    adv = compute_advantages(r, ones, torch.zeros(2), mode="no_std")
+    assert adv.dtype == torch.bfloat16 and adv.float().tolist() == [[0.75, -0.25], [-0.25, -0.25]]
+
+
+def test_advantage_argument_errors_name_the_problem():
+    with pytest.raises(ValueError, match="valid modes: group_token, group_response, no_std"):
+        compute_advantages(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1), mode="ppo")
+    shapes = (
+        r"rewards \[B, T\], mask \[B, T\], group_ids \[B\] expected; got \(2, 3\), \(2, 3\), \(3,\)"
+    )
+    with pytest.raises(ValueError, match=shapes):
+        compute_advantages(torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(3))

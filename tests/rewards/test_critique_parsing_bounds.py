@@ -34,6 +34,7 @@ def test_list_body_length_limit():
         ("wrongsteplist [2]", {2}),
         ("WRONG\tSTEPS\tLIST: [2]", {2}),
         ("Wrong step list: [1]\nI was wrong about that.", {1}),  # a later "wrong" is no label
+        ("I was wrong.\nWrong step list: [1]\nStill wrong.", {1}),  # nor an earlier one
         ("Wrong step list: [+1]", {1}),
         ("Wrong step list: [step3]", {3}),
         ("Wrong step list: [ , 1]", {1}),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from capo_dist.rewards.capo import token_rewards, token_rewards_batch
-from capo_dist.rewards.voting import stack_critiques, vote_batch
+from capo_dist.rewards.voting import stack_critiques, vote, vote_batch
 
 
 def test_step_index_must_lie_in_range():
@@ -66,3 +66,9 @@ def test_vote_batch_reads_booleans_and_checks_shapes():
         vote_batch(np.zeros((1, 2, 3), bool), np.zeros((1, 3), bool), "union")
     with pytest.raises(ValueError, match=shapes):
         vote_batch(np.zeros((1, 2), bool), np.zeros((1, 2), bool), "union")
+
+
+def test_vote_ignores_steps_out_of_range_and_names_the_modes():
+    assert vote([frozenset({3, 0})], "union", 3) == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="valid modes: intersection, majority, union, average"):
+        vote([], "mean", 2)
