@@ -61,6 +61,8 @@ def test_stack_critiques_drops_out_of_range_steps_and_returns_bools():
 def test_vote_batch_reads_booleans_and_checks_shapes():
     # any non-zero flag is one flag, any non-zero valid one valid critique
     assert vote_batch(np.array([[[3, 0]]]), np.array([[2]]), "average").tolist() == [[1.0, 0.0]]
+    two = vote_batch(np.array([[[1], [0]]]), np.array([[2, 1]]), "average")
+    assert two.tolist() == [[0.5]]  # one flag among two valid critiques
     shapes = r"flags \[B, N, S\] and valid \[B, N\] expected"
     with pytest.raises(ValueError, match=shapes):
         vote_batch(np.zeros((1, 2, 3), bool), np.zeros((1, 3), bool), "union")
