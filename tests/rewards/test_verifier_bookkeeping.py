@@ -120,8 +120,9 @@ def test_nesting_at_the_limit_goes_to_the_worker():
     spends its whole limit on it, so this pool's limit is short: only the counts matter."""
     v = Verifier(timeout_s=1.0, num_workers=1)
     assert v.check("\\boxed{" + _nested(MAX_NESTING) + "}", "y") is False
+    assert v.check("\\boxed{y}", _nested(MAX_NESTING)) is False  # the gold's side
     delta = _delta(v, ZERO)
-    assert delta["checks"] == 1 and delta["symbolic"] == 1 and "rejected" not in delta
+    assert delta["checks"] == 2 and delta["symbolic"] == 2 and "rejected" not in delta
     v.close()
 
 
