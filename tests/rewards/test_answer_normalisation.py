@@ -118,6 +118,9 @@ def test_parse_number_cases(s, value):
         (")(", 1),  # a closer with nothing open does not go below zero
         ("))((", 2),
         ("(]", 1),
+        ("(X(", 2),  # only brackets count
+        ("X(", 1),
+        ("(()((", 3),
     ],
 )
 def test_nesting_depth(s, depth):

@@ -48,6 +48,7 @@ def test_constructor_limits_and_defaults():
         Verifier(timeout_s=0)
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
         Verifier(timeout_s=-1.0)
+    assert Verifier().timeout_s == 2.0 and Verifier()._cache_size == 4096
     v = Verifier(timeout_s=0.25)  # any positive limit is accepted
     assert v.timeout_s == 0.25 and isinstance(Verifier(timeout_s=3).timeout_s, float)
     assert v.num_workers == min(2, os.cpu_count() or 1)
@@ -113,6 +114,18 @@ def test_symbolic_checks_are_deduplicated_cached_and_evicted_oldest_first(pool):
     before = v.stats.as_dict()
     assert v.check(*c) is False
     assert _delta(v, before) == {"checks": 1, "symbolic": 1}
+    # a and c are cached now; in-process verdicts and cache hits mixed in one call
+    before = v.stats.as_dict()
+    got = v.check_many(["#### 7", c[0], a[0], "#### 8"], ["7", c[1], a[1], "8"])
+    assert got == [True, False, True, True]
+    assert _delta(v, before) == {"checks": 4, "fast_path": 2, "cache_hits": 2}
+
+
+def test_default_number_of_workers(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert Verifier().num_workers == 2
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown: one worker
+    assert Verifier().num_workers == 1
 
 
 def test_nesting_at_the_limit_goes_to_the_worker():
