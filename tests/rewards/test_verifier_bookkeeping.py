@@ -114,9 +114,9 @@ def test_symbolic_checks_are_deduplicated_cached_and_evicted_oldest_first(pool):
     before = v.stats.as_dict()
     assert v.check(*c) is False
     assert _delta(v, before) == {"checks": 1, "symbolic": 1}
-    # a and c are cached now; in-process verdicts and cache hits mixed in one call
+    # b and c are cached now; in-process verdicts and cache hits mixed in one call
     before = v.stats.as_dict()
-    got = v.check_many(["#### 7", c[0], a[0], "#### 8"], ["7", c[1], a[1], "8"])
+    got = v.check_many(["#### 7", c[0], b[0], "#### 8"], ["7", c[1], b[1], "8"])
     assert got == [True, False, True, True]
     assert _delta(v, before) == {"checks": 4, "fast_path": 2, "cache_hits": 2}
 
