@@ -18,7 +18,7 @@ comma := ,
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt 2>/dev/null | cksum | cut -d' ' -f1)-$(subst $(comma),_,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench rehearse clean gpu-sdists gpu-constraints check-gpu-deps
+.PHONY: install run test lint format bench rehearse mutation clean gpu-sdists gpu-constraints check-gpu-deps
 
 install: $(STAMP)
 
@@ -64,8 +64,25 @@ rehearse: install
 	  echo "[rehearse] $$e: $$(( $$(date +%s) - start )) s"; \
 	done
 
+# Mutation testing of the pure reward core (outside CI; configuration in pyproject.toml's
+# [tool.mutmut]): a fresh mutmut run over capo_dist/rewards/ in ./mutants, then the share of
+# mutants the tests kill. Survivors: `$(PY) -m mutmut results`, `$(PY) -m mutmut show <name>`;
+# the explained ones are listed in benchmarks/mutation.md. MUTATION_JOBS=N runs N mutants at once.
+MUTATION_JOBS ?= 1
+mutation: install
+	rm -rf mutants
+	start=$$(date +%s); \
+	env -u PYTHONPATH nice -n 19 $(PY) -m mutmut run --max-children $(MUTATION_JOBS) > mutants.log 2>&1 \
+	  || { tail -n 40 mutants.log; exit 1; }; \
+	echo "[mutation] mutmut run: $$(( $$(date +%s) - start )) s (log: mutants.log)"
+	$(PY) -m mutmut export-cicd-stats > /dev/null
+	$(PY) -c 'import json; s = json.load(open("mutants/mutmut-cicd-stats.json")); \
+	  s["caught"] = s["killed"] + s["timeout"]; s["share"] = 100 * s["caught"] / s["total"]; \
+	  print("[mutation] killed %(caught)d/%(total)d = %(share).1f %% of the mutants of capo_dist/rewards/" \
+	        " (survived %(survived)d, no tests %(no_tests)d, timeouts %(timeout)d, suspicious %(suspicious)d)" % s)'
+
 clean:
-	rm -rf $(VENV) outputs multirun runs .pytest_cache .ruff_cache $(GPU_DIR)
+	rm -rf $(VENV) outputs multirun runs .pytest_cache .ruff_cache $(GPU_DIR) mutants mutants.log
 
 # ---------------------------------------------------------------- GPU environment
 # constraints-gpu.txt pins the GPU nodes' environment: the `gpu` extra (vllm==0.32.0) with

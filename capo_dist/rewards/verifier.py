@@ -90,14 +90,14 @@ def _fast_verdict(pred: str, gold: str) -> bool | None:
     return a == b
 
 
-def _worker_entry(conn: Connection, soft_timeout_s: int) -> None:
+def _worker_entry(conn: Connection, soft_timeout_s: int) -> None:  # pragma: no mutate block
     """Process target: import math-verify only here, in the worker."""
     import importlib
 
     importlib.import_module(_WORKER_MODULE).serve(conn, soft_timeout_s)
 
 
-class _Worker:
+class _Worker:  # pragma: no mutate block
     """One worker process and the parent's end of its pipe."""
 
     def __init__(self, ctx: multiprocessing.context.BaseContext, soft_timeout_s: int) -> None:
@@ -212,7 +212,7 @@ class Verifier:
                         results[i] = equal
             return results
 
-    def close(self) -> None:
+    def close(self) -> None:  # pragma: no mutate block
         """Stop the worker processes (a later check starts new ones)."""
         with self._lock:
             for w in self._workers:
@@ -227,7 +227,7 @@ class Verifier:
 
     # -- pool -------------------------------------------------------------------
 
-    def _context(self) -> multiprocessing.context.BaseContext:
+    def _context(self) -> multiprocessing.context.BaseContext:  # pragma: no mutate block
         if self._ctx is None:
             ctx = multiprocessing.get_context(self.start_method)
             if self.start_method == "forkserver":
@@ -244,15 +244,15 @@ class Verifier:
             self._ctx = ctx
         return self._ctx
 
-    def _spawn(self) -> _Worker:
+    def _spawn(self) -> _Worker:  # pragma: no mutate block
         return _Worker(self._context(), self._soft_timeout_s)
 
-    def _replace(self, w: _Worker) -> None:
+    def _replace(self, w: _Worker) -> None:  # pragma: no mutate block
         w.kill()
         self.stats.restarts += 1
         self._workers[self._workers.index(w)] = self._spawn()
 
-    def _run(self, keys: list[tuple[str, str]]) -> list[bool]:
+    def _run(self, keys: list[tuple[str, str]]) -> list[bool]:  # pragma: no mutate block
         """Symbolic checks of (pred, gold) pairs on the pool, each under `timeout_s`."""
         if os.getpid() != self._pid:  # inherited through fork: the workers are not ours
             self._workers, self._pid = [], os.getpid()

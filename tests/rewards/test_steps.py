@@ -219,6 +219,19 @@ def test_cumulative_fallback_equals_byte_level_on_whole_char_tokens(tokenizer):
     assert _cumulative_offsets(tokenizer, ids, text, True) == token_char_offsets(tokenizer, ids)
 
 
+def test_cumulative_fallback_on_cut_characters(tokenizer):
+    """Byte tokens that cut a character: a prefix decodes to U+FFFD, which is not a prefix
+    of the text, so the token's span ends where the decodes last agree (hand-computed)."""
+    ids = _single_byte_ids(tokenizer, "中a中")  # 3 + 1 + 3 byte tokens
+    text = tokenizer.decode(ids)
+    assert text == "中a中"
+    assert _cumulative_offsets(tokenizer, ids, text, True) == [
+        (0, 0), (0, 0), (0, 1),  # 中 ends with its last byte; the first two are empty
+        (1, 2),  # a
+        (2, 2), (2, 2), (2, 3),
+    ]  # fmt: skip
+
+
 def test_offsets_generic_tokenizer(tmp_path):
     """A non-byte-level (Metaspace/SentencePiece-style) tokenizer uses the generic path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -294,3 +307,171 @@ def test_end_to_end_whitespace_tokens_between_steps(tokenizer):
             prev = max(i for i, (a, _) in enumerate(spans) if a <= max(s, spans[0][0]))
             assert k == prev
     assert steps[-1] == len(spans) - 1
+
+
+# --------------------------------------------------------------------------- byte-level table
+# These read the table and the decoder check directly: `token_char_offsets` builds them once
+# per tokenizer and caches them, so a test of offsets sees them only through whichever test
+# ran first.
+
+
+def _fast_tokenizer(decoder):
+    """A tiny fast tokenizer whose Rust backend has `decoder` (None: no decoder)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    if decoder is not None:
+        tok.decoder = decoder
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_is_byte_level_reads_the_backend_decoder(tokenizer):
+    from types import SimpleNamespace
+
+    from tokenizers import decoders
+
+    from capo_dist.rewards.steps import _is_byte_level
+
+    assert _is_byte_level(tokenizer) is True  # a plain ByteLevel decoder
+    seq = decoders.Sequence([decoders.Fuse(), decoders.ByteLevel()])  # ByteLevel inside
+    assert _is_byte_level(_fast_tokenizer(seq)) is True
+    assert _is_byte_level(_fast_tokenizer(decoders.Sequence([decoders.Metaspace()]))) is False
+    assert _is_byte_level(_fast_tokenizer(decoders.Metaspace())) is False
+    assert _is_byte_level(_fast_tokenizer(None)) is False  # no decoder
+    assert _is_byte_level(object()) is False  # no Rust backend at all
+    unreadable = SimpleNamespace(backend_tokenizer=SimpleNamespace(decoder=SimpleNamespace()))
+    assert _is_byte_level(unreadable) is False  # a decoder state that is not JSON
+
+
+def test_byte_table_maps_each_id_to_its_bytes(tokenizer):
+    import copy
+
+    from tokenizers import decoders
+
+    from capo_dist.rewards.steps import _ByteTable
+
+    table = _ByteTable(tokenizer)
+    size = len(tokenizer)
+    assert table.byte_level is True and table.size == size
+    assert len(table.skip) == len(table.keep) == size
+    special = set(tokenizer.all_special_ids)
+    for tid in special:  # skipped specials decode to nothing; kept ones to their text
+        assert table.skip[tid] == b""
+        assert table.keep[tid] == tokenizer.convert_ids_to_tokens(tid).encode("utf-8")
+    checked = 0
+    for tid in set(range(size)) - special:
+        raw = table.skip[tid]
+        assert raw is not None and raw == table.keep[tid]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:  # a lone byte of a longer character
+            continue
+        assert text == tokenizer.decode([tid]), tid
+        checked += 1
+    assert checked > size // 2
+    # an added non-special token decodes verbatim: not a byte-level piece
+    extra = copy.deepcopy(tokenizer)
+    extra.add_tokens(["<step>"])
+    table = _ByteTable(extra)
+    new = extra.convert_tokens_to_ids("<step>")
+    assert table.size == size + 1 and table.skip[new] is None and table.keep[new] is None
+    assert table.skip[tokenizer.eos_token_id] == b""
+    # not byte-level: no table
+    plain = _ByteTable(_fast_tokenizer(decoders.Metaspace()))
+    assert plain.byte_level is False and plain.skip == [] and plain.keep == []
+
+
+def test_byte_level_offsets_guards_and_kept_specials(tokenizer):
+    """Out-of-range ids leave the byte-level path (None); id 0 is an id like any other;
+    with specials kept, their text is part of the decode and of the offsets."""
+    from capo_dist.rewards.steps import _byte_level_offsets, _byte_table
+
+    table = _byte_table(tokenizer)
+    ids = tokenizer.encode("ab 1", add_special_tokens=False)
+    text = tokenizer.decode(ids)
+    offsets = _byte_level_offsets(table, ids, text, True)
+    assert offsets == _byte_oracle(tokenizer, ids)
+    assert offsets[-1][1] == len(text) == 4
+    assert _byte_level_offsets(table, [*ids, table.size], text, True) is None
+    assert _byte_level_offsets(table, [*ids, table.size - 1], text, True) is None  # not the text
+    assert _byte_level_offsets(table, [-1, *ids], text, True) is None
+    zero = [0, *ids]
+    assert tokenizer.convert_ids_to_tokens(0) in tokenizer.all_special_tokens
+    zero_text = tokenizer.decode(zero, skip_special_tokens=True)
+    assert _byte_level_offsets(table, zero, zero_text, True) == [(0, 0), *offsets]
+    kept = [*ids, tokenizer.eos_token_id]
+    kept_text = tokenizer.decode(kept, skip_special_tokens=False)
+    assert kept_text == text + tokenizer.eos_token
+    assert _byte_level_offsets(table, kept, kept_text, False) == [*offsets, (4, len(kept_text))]
+
+
+def test_byte_table_is_cached_per_tokenizer_until_its_vocab_grows(tokenizer):
+    import copy
+
+    from capo_dist.rewards.steps import _byte_table, _vocab_size
+
+    tok = copy.deepcopy(tokenizer)
+    first = _byte_table(tok)
+    assert _byte_table(tok) is first
+    size = _vocab_size(tok)
+    assert size == len(tok) == first.size
+    tok.add_tokens(["<step>"])
+    assert _vocab_size(tok) == size + 1  # added tokens count
+    grown = _byte_table(tok)
+    assert grown is not first and grown.size == size + 1 and _byte_table(tok) is grown
+    plain = _byte_table(["a", "b"])  # not weak-referenceable: built each time, not cached
+    assert plain.size == 2 and plain.byte_level is False and _byte_table(["a", "b"]) is not plain
+
+
+def test_decode_cleans_up_spaces_exactly_as_the_tokenizer_does(tokenizer):
+    import copy
+
+    from capo_dist.rewards.steps import _decode
+
+    tok = copy.deepcopy(tokenizer)
+    # transformers cleans up a BPE tokenizer's spaces only when told twice
+    tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    ids = [*tok.encode("a , b .", add_special_tokens=False), tok.eos_token_id]
+    texts = set()
+    for clean in (True, False):
+        tok.clean_up_tokenization_spaces = clean
+        text = _decode(tok, ids, True)
+        assert text == tok.decode(ids, skip_special_tokens=True)
+        texts.add(text)
+    assert texts == {"a, b.", "a , b ."}
+
+
+def test_wordpiece_tokenizer_takes_the_generic_path(tmp_path):
+    """A WordPiece tokenizer (not byte-level) takes the generic path; its vocabulary size
+    counts every token."""
+    from transformers import BertTokenizer
+
+    from capo_dist.rewards.steps import _vocab_size
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "step", "one", "=", "3", "."]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = BertTokenizer(str(tmp_path / "vocab.txt"))
+    ids = tok.encode("step one = 3.", add_special_tokens=False) + [tok.sep_token_id]
+    text = tok.decode(ids, skip_special_tokens=True)
+    offs = token_char_offsets(tok, ids)
+    assert len(offs) == len(ids) and "".join(text[s:e] for s, e in offs) == text
+    assert offs[-1] == (len(text), len(text))
+    assert _vocab_size(tok) == len(words)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "n"),
+    [
+        ("abc", "abcdef", 3),
+        ("a\ufffd\ufffd", "a中b", 1),
+        ("abcd\ufffd", "abcdefgh", 4),
+        ("\ufffd", "中", 0),
+        ("xyz", "abc", 0),
+        ("", "abc", 0),
+    ],
+)
+def test_common_prefix_len(a, b, n):
+    from capo_dist.rewards.steps import _common_prefix_len
+
+    assert _common_prefix_len(a, b) == n
