@@ -93,9 +93,10 @@ def last_boxed(text: str) -> str | None:
             if end is not None and end - i <= MAX_ANSWER_CHARS + 1:
                 return text[i + 1 : end]
             continue  # unbalanced or huge: look at an earlier box
-        # `\boxed 5` form: up to the next `$` or whitespace.
-        tail = re.match(rf"[^\s$]{{1,{MAX_ANSWER_CHARS}}}", text[i : i + MAX_ANSWER_CHARS + 1])
-        if tail:
+        # `\boxed 5` form: up to the next `$` or whitespace; longer than MAX_ANSWER_CHARS
+        # is skipped like a huge braced group (never cut to a shorter, different answer).
+        tail = re.match(rf"[^\s$]{{1,{MAX_ANSWER_CHARS + 1}}}", text[i : i + MAX_ANSWER_CHARS + 2])
+        if tail and len(tail.group(0)) <= MAX_ANSWER_CHARS:
             return tail.group(0)
     return None
 

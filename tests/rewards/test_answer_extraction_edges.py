@@ -69,3 +69,15 @@ def test_gsm8k_hashes(text, expected):
 )
 def test_gold_answer_edges(gold, expected):
     assert gold_answer(gold) == expected
+
+
+def test_an_unbraced_box_longer_than_the_limit_is_refused_not_cut():
+    """`\\boxed 111…` of MAX_ANSWER_CHARS + 1 characters is no answer (was cut to the limit,
+    a different number); one of exactly the limit is read whole; an earlier box is used."""
+    from capo_dist.rewards.answers import MAX_ANSWER_CHARS, extract_answer, last_boxed
+
+    at_limit, past = "1" * MAX_ANSWER_CHARS, "1" * (MAX_ANSWER_CHARS + 1)
+    assert last_boxed(f"\\boxed {at_limit}") == at_limit
+    assert last_boxed(f"\\boxed {past}") is None
+    assert extract_answer(f"\\boxed {past}") is None
+    assert last_boxed(f"\\boxed{{7}} then \\boxed {past}") == "7"
