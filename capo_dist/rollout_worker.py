@@ -153,6 +153,10 @@ class RolloutWorker:
         """Counters a checkpoint needs to resume sampling with the same seeds."""
         return {"calls": self.calls, "version": self.version}
 
+    def restarted(self) -> bool:
+        """True in an actor process Ray started again after the first one died."""
+        return ray.get_runtime_context().was_current_actor_reconstructed
+
     def restore(self, state: dict[str, int]) -> None:
         self.calls = state["calls"]
 

@@ -46,7 +46,7 @@ from capo_dist.placement import LEARNER, ClusterPlan, reserve_roles
 from capo_dist.rollout_worker import RolloutWorker
 from capo_dist.shared_fs import SharedDir, require_shared
 from capo_dist.types import Problem, TrainBatch
-from capo_dist.weight_sync import ENGINE_BACKENDS, CollectiveSyncPlan
+from capo_dist.weight_sync import ENGINE_BACKENDS, CollectiveSyncPlan, engines_to_reload
 
 # Ray restarts a dead rollout/judge actor this many times before giving up on it.
 ACTOR_RESTARTS = 3
@@ -371,9 +371,12 @@ class Trainer:
         it goes on).
         """
         states = [_state_after_restart(w) for w in self.rollout]
-        behind = [
-            w for w, s in zip(self.rollout, states, strict=True) if s["version"] < self.version
-        ]
+        restarted = ray.get([w.restarted.remote() for w in self.rollout])
+        collective = self.transport != "object_store"
+        reload = engines_to_reload(
+            [s["version"] for s in states], restarted, self.version, collective
+        )
+        behind = [self.rollout[i] for i in reload]
         if not behind:
             return
         if self.transport != "object_store":

@@ -259,6 +259,24 @@ def engine_rank_offsets(engine_world_sizes: Sequence[int]) -> list[int]:
     return offsets
 
 
+def engines_to_reload(
+    versions: Sequence[int], restarted: Sequence[bool], version: int, collective: bool
+) -> list[int]:
+    """Indices of the rollout engines that need the current weights loaded after a worker loss.
+
+    An engine whose weight version is older than the driver's `version` is behind. On a
+    collective transport an engine whose actor Ray restarted is also out of sync, even at
+    the current version (killed before the first sync, it holds the base weights, but its
+    new process never joined the weight-transfer group): every such engine is loaded
+    through the object store, and the run syncs that way from then on.
+    """
+    return [
+        i
+        for i, (v, r) in enumerate(zip(versions, restarted, strict=True))
+        if v < version or (collective and r)
+    ]
+
+
 class Communicator(Protocol):
     """The one collective the sync needs: broadcast a tensor from `src` to the group."""
 

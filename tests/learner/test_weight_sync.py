@@ -14,6 +14,7 @@ from capo_dist.weight_sync import (
     ParamSpec,
     WeightBucket,
     engine_rank_offsets,
+    engines_to_reload,
     pack_buckets,
     plan_buckets,
 )
@@ -225,3 +226,14 @@ def test_rank_offsets_count_the_workers_of_earlier_engines() -> None:
     assert engine_rank_offsets([2, 2]) == [1, 3]
     with pytest.raises(ValueError, match="at least one worker"):
         engine_rank_offsets([1, 0])
+
+
+def test_a_restarted_engine_is_reloaded_on_the_collective_path_even_at_the_current_version():
+    """Killed before the first sync, a restarted engine is at version 0 like the driver, but
+    its new process is outside the weight-transfer group: on a collective transport it must
+    be reloaded (and the run falls back to the object store), or the next broadcast hangs."""
+    assert engines_to_reload([0, 0], [False, True], version=0, collective=True) == [1]
+    assert engines_to_reload([0, 0], [False, True], version=0, collective=False) == []
+    # Behind: an older version is reloaded on either transport.
+    assert engines_to_reload([1, 0], [False, True], version=1, collective=False) == [1]
+    assert engines_to_reload([1, 1], [False, False], version=1, collective=True) == []
