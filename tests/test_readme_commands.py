@@ -149,6 +149,10 @@ REGISTRY: dict[str, RunBy | NotRun] = {
         "resolves the GPU environment against PyPI: network, and ~3.5 GB of wheels where the "
         "index serves no metadata; run by hand (64 s here)"
     ),
+    "make mutation": NotRun(
+        "mutmut over capo_dist/rewards/: 1,800 mutants, each against tests/rewards/ (~45 min "
+        "on 2 cores); outside CI by design, its figure is in the README"
+    ),
     "make gpu-constraints": NotRun("as make check-gpu-deps: PyPI, by hand after pyproject edits"),
     "wandb sync": NotRun("uploads to wandb.ai: network and an account"),
     "wandb login": NotRun(
