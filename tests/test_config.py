@@ -93,6 +93,18 @@ def test_contract_keys_exist():
         ("rollout.num_cpus_per_worker=0.5", "rollout.num_cpus_per_worker=0.5 must be >= 1"),
         ("judge.backend=openai", "judge.backend=openai needs judge.base_url"),
         ("trainer.stale_ratio_cap=1.0", "trainer.stale_ratio_cap=1.0 must be > 1"),
+        # judge health (capo_dist/judge_health.py)
+        (
+            "judge.on_invalid=ignore",
+            "judge.on_invalid='ignore' is not valid; choose one of: error, warn",
+        ),
+        ("judge.max_invalid_steps=0", "judge.max_invalid_steps=0 must be >= 1"),
+        ("judge.max_consecutive_failures=0", "judge.max_consecutive_failures=0 must be >= 1"),
+        ("judge.max_retries=-1", "judge.max_retries=-1 must be >= 0"),
+        ("judge.timeout_s=0", "judge.timeout_s=0.0 must be > 0"),
+        ("judge.request_deadline_s=-1", "judge.request_deadline_s=-1.0 must be > 0"),
+        ("judge.down_after_s=0", "judge.down_after_s=0.0 must be > 0"),
+        ("judge.retry_after_max_s=-1", "judge.retry_after_max_s=-1.0 must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
