@@ -125,6 +125,14 @@ class JudgeConfig:
     max_retries: int = 3
     # The longest wait a 429/503's Retry-After can ask for (never past the deadline).
     retry_after_max_s: float = 60.0
+    # HTTP requests in flight at once; requests and estimated tokens (prompt bytes / 4 +
+    # max_tokens per critique asked) started per minute, 0 = no limit (capo_dist.judge_http).
+    max_concurrency: int = 8
+    rpm: float = 0.0
+    tpm: float = 0.0
+    # n=N critiques in one request (n), N requests of n=1 (one), or n until a reply
+    # brings fewer choices than asked, then one (auto).
+    n_per_request: str = "auto"
     # A judge whose every critique fails this many responses in a row, or for this many
     # seconds of failed requests, is down: the run stops with an error instead of silently
     # training GRPO. A blackholed endpoint is down within down_after_s + request_deadline_s
@@ -409,6 +417,18 @@ def validate(cfg: RunConfig) -> None:
         _at_least(f"judge.{key}", getattr(cfg.judge, key), 1)
     _at_least("judge.max_retries", cfg.judge.max_retries, 0)
     _at_least("judge.retry_after_max_s", cfg.judge.retry_after_max_s, 0)
+    _at_least(
+        "judge.max_concurrency",
+        cfg.judge.max_concurrency,
+        1,
+        " (HTTP requests in flight; 1 sends them one after another)",
+    )
+    for key in ("rpm", "tpm"):
+        if not getattr(cfg.judge, key) >= 0:
+            raise ConfigError(
+                f"judge.{key}={getattr(cfg.judge, key)} must be >= 0 (per minute; 0 = no limit)"
+            )
+    _one_of("judge.n_per_request", cfg.judge.n_per_request, ("auto", "n", "one"))
     for key in ("timeout_s", "request_deadline_s", "down_after_s"):
         if not getattr(cfg.judge, key) > 0:
             raise ConfigError(f"judge.{key}={getattr(cfg.judge, key)} must be > 0 (seconds)")

@@ -3,20 +3,22 @@
 A Ray actor wrapping one of four backends behind one method: the same vLLM
 or Hugging Face engine code as the rollout workers (its own model, tensor
 parallel), an OpenAI-compatible endpoint, or the symbolic step checker. Each
-response gets N critiques from ONE request (n = N). A critique that fails or
+response gets N critiques from ONE request (n = N; an endpoint that ignores n
+gets N requests, capo_dist.judge_http). A critique that fails or
 cannot be produced is None (it abstains); a judge that fails every critique
 for `max_consecutive_failures` responses in a row, or for `down_after_s`
 seconds of failed requests, raises `JudgeDownError` (capo_dist.judge_health),
 so a dead judge stops the run instead of silently turning it into GRPO. The
-HTTP backend is checked after every response, so a blackholed endpoint is
-declared down within `down_after_s + request_deadline_s`.
+HTTP backend is checked after every response as it arrives, so a blackholed
+endpoint is declared down within `down_after_s + request_deadline_s`. Each call
+reports the judge tokens its backend counted (`JudgeTokens`).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,6 +57,21 @@ class JudgeReply:
     prompt: str | None = None
 
 
+@dataclass(frozen=True)
+class JudgeTokens:
+    """A backend's judge tokens so far, as its engine or endpoint counted them.
+
+    `prompt` counts each request's prompt once (n critiques of one prompt share
+    it); `cached` is the part of `cached_prompt` (the prompt tokens of the requests
+    whose engine reported its prefix-cache hits) served from the prefix cache.
+    """
+
+    prompt: int = 0
+    completion: int = 0
+    cached: int = 0
+    cached_prompt: int = 0
+
+
 class JudgeBackend(Protocol):
     def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[JudgeReply]: ...
 
@@ -86,7 +103,9 @@ class StepCheckerBackend:
 
 
 class HttpBackend:
-    """An OpenAI-compatible endpoint, one request per response."""
+    """An OpenAI-compatible endpoint: a batch's requests run concurrently
+    (`judge.max_concurrency` in flight, `judge.rpm` / `judge.tpm` limits) on one
+    event loop (capo_dist.judge_http)."""
 
     def __init__(self, cfg: JudgeConfig):
         from capo_dist.judge_http import HttpJudgeClient, HttpJudgeConfig
@@ -103,20 +122,38 @@ class HttpBackend:
                 retry_after_max_s=cfg.retry_after_max_s,
                 temperature=cfg.temperature,
                 max_tokens=cfg.max_tokens,
+                max_concurrency=cfg.max_concurrency,
+                rpm=cfg.rpm,
+                tpm=cfg.tpm,
+                n_per_request=cfg.n_per_request,
             )
         )
 
     def failed_requests(self) -> int:
-        """HTTP attempts that failed so far (each retry counts; giving up does not add one)."""
+        """HTTP attempts that failed so far (each retry counts; giving up does not add one;
+        an attempt the rate limits could not start before the deadline counts)."""
         return sum(v for k, v in self.client.failures.items() if k != "gave_up")
 
-    def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[JudgeReply]:
-        return [
-            JudgeReply(
-                self.client.critique(build_critique_prompt(r.question, r.steps, r.reference), n)
-            )
-            for r in requests
-        ]
+    def token_counts(self) -> JudgeTokens:
+        """The tokens the endpoint reported so far (its `usage`; a reply without one adds 0)."""
+        t = self.client.tokens
+        return JudgeTokens(
+            t["prompt_tokens"],
+            t["completion_tokens"],
+            t["cached_tokens"],
+            t["cached_prompt_tokens"],
+        )
+
+    def critiques(
+        self,
+        requests: Sequence[JudgeRequest],
+        n: int,
+        on_reply: Callable[[list[str | None]], None] | None = None,
+    ) -> list[JudgeReply]:
+        """Replies in the requests' order; `on_reply` sees each one's critiques as it arrives
+        (and may raise, which cancels the rest)."""
+        prompts = [build_critique_prompt(r.question, r.steps, r.reference) for r in requests]
+        return [JudgeReply(t) for t in self.client.critique_many(prompts, n, on_reply)]
 
 
 class EngineBackend:
@@ -137,12 +174,17 @@ class EngineBackend:
             **engine_kwargs,
         )
         self.cfg = cfg
+        self.tokens = JudgeTokens()
         if cfg.max_model_len is None:
             from transformers import AutoConfig
 
             self.context = int(AutoConfig.from_pretrained(model_path).max_position_embeddings)
         else:
             self.context = cfg.max_model_len
+
+    def token_counts(self) -> JudgeTokens:
+        """Prompt tokens sent (once per response), critique tokens generated, prefix-cache hits."""
+        return self.tokens
 
     def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[JudgeReply]:
         """Critiques from the engine; a judge tokenizer with a chat template gets chat prompts."""
@@ -159,9 +201,16 @@ class EngineBackend:
             spec = SamplingSpec(
                 n=n, max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature
             )
-            for i, completions in zip(
-                fits, self.engine.generate([prompts[i] for i in fits], spec), strict=True
-            ):
+            outputs = self.engine.generate([prompts[i] for i in fits], spec)
+            sent = sum(len(prompts[i]) for i in fits)
+            cached = getattr(self.engine, "last_cached_tokens", None)  # vLLM only
+            self.tokens = JudgeTokens(
+                self.tokens.prompt + sent,
+                self.tokens.completion + sum(len(c.token_ids) for cs in outputs for c in cs),
+                self.tokens.cached + (cached or 0),
+                self.tokens.cached_prompt + (sent if cached is not None else 0),
+            )
+            for i, completions in zip(fits, outputs, strict=True):
                 out[i] = JudgeReply(
                     [c.text for c in completions],
                     tok.decode(prompts[i], skip_special_tokens=False),
@@ -177,7 +226,21 @@ def critique_all(
     batch_size: int | None = None,
 ) -> list[JudgeReply]:
     """Every request's reply, asked `batch_size` at a time (None: all at once); each
-    batch's replies go to `down` as they arrive, which raises `JudgeDownError`."""
+    batch's replies go to `down` as they arrive, which raises `JudgeDownError`.
+
+    The HTTP backend runs all requests concurrently and hands `down` each reply as
+    it arrives (`batch_size` unused), with the wall time since the previous one:
+    a failing streak's seconds are wall seconds, so a blackholed endpoint is still
+    down within `down_after_s + request_deadline_s`."""
+    if isinstance(backend, HttpBackend):
+        last = [time.monotonic()]
+
+        def record(critiques: list[str | None]) -> None:
+            now = time.monotonic()
+            down.record([critiques], now - last[0])
+            last[0] = now
+
+        return backend.critiques(requests, n, record)
     size = batch_size or max(len(requests), 1)
     replies: list[JudgeReply] = []
     for i in range(0, len(requests), size):
@@ -217,12 +280,14 @@ class JudgeWorker:
             cfg.down_after_s,
             judge_label(cfg, cfg.model_path or policy_model_path),
         )
-        # An endpoint is checked after every response (each bounded by its deadline).
-        self.batch_size = 1 if cfg.backend == "openai" else None
 
     def _failed_requests(self) -> int:
         count = getattr(self.backend, "failed_requests", None)
         return count() if count else 0
+
+    def _tokens(self) -> JudgeTokens:
+        count = getattr(self.backend, "token_counts", None)
+        return count() if count else JudgeTokens()
 
     def state(self) -> dict:
         """The noisy checker's RNG state (JSON-able), so a resume draws the same flips."""
@@ -251,13 +316,15 @@ class JudgeWorker:
                 )
             )
         failed_before = self._failed_requests()
+        tokens_before = self._tokens()
         unchecked_before = getattr(self.backend, "unchecked_steps", 0)
-        replies = critique_all(self.backend, requests, self.n, self.down, self.batch_size)
+        replies = critique_all(self.backend, requests, self.n, self.down)
         texts = [reply.critiques for reply in replies]
         judged = [
             JudgedRollout(rollout=r, critiques=list(reply.critiques), judge_prompt=reply.prompt)
             for r, reply in zip(rollouts, replies, strict=True)
         ]
+        tokens = self._tokens()
         role = ray.get_runtime_context().get_actor_name() or "judge"
         failed = sum(all(c is None for c in cs) for cs in texts)
         telemetry.record("capo_judge_latency_s", time.perf_counter() - start, role)
@@ -268,4 +335,8 @@ class JudgeWorker:
             "judge_unchecked_steps": float(
                 getattr(self.backend, "unchecked_steps", 0) - unchecked_before
             ),
+            "judge_prompt_tokens": float(tokens.prompt - tokens_before.prompt),
+            "judge_completion_tokens": float(tokens.completion - tokens_before.completion),
+            "judge_cached_tokens": float(tokens.cached - tokens_before.cached),
+            "judge_cached_prompt_tokens": float(tokens.cached_prompt - tokens_before.cached_prompt),
         }

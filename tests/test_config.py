@@ -105,6 +105,17 @@ def test_contract_keys_exist():
         ("judge.request_deadline_s=-1", "judge.request_deadline_s=-1.0 must be > 0"),
         ("judge.down_after_s=0", "judge.down_after_s=0.0 must be > 0"),
         ("judge.retry_after_max_s=-1", "judge.retry_after_max_s=-1.0 must be >= 0"),
+        # the concurrent HTTP judge (capo_dist/judge_http.py)
+        (
+            "judge.max_concurrency=0",
+            "judge.max_concurrency=0 must be >= 1 (HTTP requests in flight; 1 sends them",
+        ),
+        ("judge.rpm=-1", "judge.rpm=-1.0 must be >= 0 (per minute; 0 = no limit)"),
+        ("judge.tpm=-5", "judge.tpm=-5.0 must be >= 0 (per minute; 0 = no limit)"),
+        (
+            "judge.n_per_request=many",
+            "judge.n_per_request='many' is not valid; choose one of: auto, n, one",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -5,6 +5,7 @@ judge cannot run in CI); the end-to-end test against vLLM's own OpenAI server
 is in tests/integration.
 """
 
+import asyncio
 import email.utils
 import gzip
 import json
@@ -73,6 +74,8 @@ def client_for(monkeypatch):
     def make(replies, **kw):
         server = ScriptedEndpoint(replies)
         servers.append(server)
+        # One scripted reply per request: n=N as asked (the n fallback has its own tests).
+        kw = {"n_per_request": "n", **kw}
         cfg = HttpJudgeConfig(
             base_url=server.url, model="judge", backoff_s=0.01, timeout_s=1.0, **kw
         )
@@ -210,7 +213,7 @@ def raw_client():
     def make(replies, then=http(GOOD), **kw):
         server = RawEndpoint(replies, then)
         servers.append(server)
-        kw = {"backoff_s": 0.01, "timeout_s": 2.0, "max_retries": 1, **kw}
+        kw = {"backoff_s": 0.01, "timeout_s": 2.0, "max_retries": 1, "n_per_request": "n", **kw}
         return server, HttpJudgeClient(HttpJudgeConfig(base_url=server.url, model="judge", **kw))
 
     yield make
@@ -503,3 +506,149 @@ def test_choice_texts_is_total(body, api, n):
     assert out is None or (
         len(out) == n and all(t is None or (isinstance(t, str) and t.strip()) for t in out)
     )
+
+
+# ---------------------------------------------------------------- concurrency, rate limits, n
+
+
+class AioEndpoint:
+    """A loopback aiohttp server (its own loop, in a thread) answering chat completions:
+    each reply's texts echo the prompt; it records when each request arrived, the n
+    asked, and the most requests it held at once. `choices_cap` caps the choices it
+    returns (a server that ignores n); a prompt containing "fail" gets HTTP 500."""
+
+    def __init__(self, delay=lambda prompt: 0.05, choices_cap=None):
+        from aiohttp import web
+
+        self.arrivals, self.ns = [], []
+        self.in_flight = self.max_in_flight = 0
+
+        async def handle(request):
+            body = await request.json()
+            prompt = body["messages"][0]["content"]
+            self.arrivals.append(time.monotonic())
+            self.ns.append(body["n"])
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                await asyncio.sleep(delay(prompt))
+            finally:
+                self.in_flight -= 1
+            if "fail" in prompt:
+                return web.Response(status=500, text="boom")
+            k = body["n"] if choices_cap is None else min(body["n"], choices_cap)
+            usage = {
+                "prompt_tokens": 100,
+                "completion_tokens": 7 * k,
+                "prompt_tokens_details": {"cached_tokens": 64},
+            }
+            return web.json_response(
+                {**chat(*(f"{prompt} #{j}" for j in range(k))), "usage": usage}
+            )
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handle)
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        port = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/v1"
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def aio_client():
+    servers = []
+
+    def make(server_kw=None, **kw):
+        server = AioEndpoint(**(server_kw or {}))
+        servers.append(server)
+        kw = {"backoff_s": 0.01, "timeout_s": 5.0, "max_retries": 1, **kw}
+        return server, HttpJudgeClient(HttpJudgeConfig(base_url=server.url, model="judge", **kw))
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def test_max_concurrency_requests_in_flight_and_order_kept(aio_client):
+    """12 prompts, 4 slots: the server holds exactly 4 at once; the replies come back in
+    the prompts' order although later prompts finish first (shorter delays)."""
+    server, client = aio_client(
+        {"delay": lambda p: 0.3 - 0.02 * int(p.split()[1])}, max_concurrency=4
+    )
+    prompts = [f"prompt {i}" for i in range(12)]
+    seen = []
+    out = client.critique_many(prompts, 2, on_reply=seen.append)
+    assert out == [[f"{p} #0", f"{p} #1"] for p in prompts]
+    assert server.max_in_flight == 4 and server.ns == [2] * 12
+    assert sorted(map(tuple, seen)) == sorted(map(tuple, out)) and seen != out  # as they arrived
+    assert client.tokens == {
+        "prompt_tokens": 1200,
+        "completion_tokens": 12 * 14,
+        "cached_tokens": 12 * 64,
+        "cached_prompt_tokens": 1200,
+    }
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [
+        {"rpm": 600.0},  # one start every 0.1 s
+        {"tpm": 600.0 * (len("prompt 0") // 4 + 1 + 10)},  # its token estimate every 0.1 s
+    ],
+)
+def test_rate_limits_space_the_starts(aio_client, limit):
+    server, client = aio_client(max_concurrency=8, max_tokens=10, **limit)
+    out = client.critique_many([f"prompt {i}" for i in range(6)], 1)
+    assert all(t is not None for texts in out for t in texts)
+    gaps = [b - a for a, b in zip(server.arrivals, server.arrivals[1:], strict=False)]
+    assert len(gaps) == 5 and min(gaps) >= 0.08  # never sooner (a loaded machine only delays)
+
+
+def test_rate_limit_wait_past_the_deadline_abstains(aio_client):
+    """rpm=6 (a start every 10 s) with a 1 s deadline: the first prompt goes, the second
+    cannot start in time and abstains at once instead of waiting."""
+    server, client = aio_client(rpm=6.0, request_deadline_s=1.0, max_concurrency=2)
+    start = time.monotonic()
+    out = client.critique_many(["prompt 0", "prompt 1"], 1)
+    assert out == [["prompt 0 #0"], [None]] and len(server.arrivals) == 1
+    assert client.failures["rate_limited"] == 1 and time.monotonic() - start < 5.0
+
+
+def test_n_fallback_when_the_server_ignores_n(aio_client):
+    """auto: n=3 gets one choice back, so the missing two are asked with n=1, and every
+    later prompt goes as 3 requests of n=1 (remembered)."""
+    server, client = aio_client({"choices_cap": 1}, max_concurrency=1)
+    assert client.critique("prompt 0", 3) == ["prompt 0 #0"] * 3
+    assert client.n_mode == "one" and server.ns == [3, 1, 1]
+    assert client.critique("prompt 1", 3) == ["prompt 1 #0"] * 3
+    assert server.ns == [3, 1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "mode, ns, texts",
+    [
+        ("n", [3], ["p #0", None, None]),  # as asked: the missing choices abstain
+        ("one", [1, 1, 1], ["p #0"] * 3),
+    ],
+)
+def test_n_per_request_configured(aio_client, mode, ns, texts):
+    server, client = aio_client({"choices_cap": 1}, n_per_request=mode)
+    assert client.critique("p", 3) == texts
+    assert server.ns == ns and client.n_mode == mode
+
+
+def test_a_failing_request_abstains_the_others_answer(aio_client):
+    server, client = aio_client(max_concurrency=4)
+    out = client.critique_many(["prompt 0", "fail 1", "prompt 2"], 2)
+    assert out == [["prompt 0 #0", "prompt 0 #1"], [None, None], ["prompt 2 #0", "prompt 2 #1"]]
+    assert client.failures == {"http_500": 2, "gave_up": 1}  # max_retries=1: two attempts

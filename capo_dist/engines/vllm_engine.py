@@ -155,6 +155,9 @@ class VLLMEngine:
         self._llm = LLM(**kwargs)
         self._tok = AutoTokenizer.from_pretrained(model_path)
         self._update_open = False
+        # Prompt tokens the last `generate` served from the prefix cache (vLLM's
+        # RequestOutput.num_cached_tokens, summed); None when vLLM did not say.
+        self.last_cached_tokens: int | None = None
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self._tok
@@ -189,6 +192,8 @@ class VLLMEngine:
         outputs = self._llm.generate(
             [{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False
         )
+        cached = [out.num_cached_tokens for out in outputs]
+        self.last_cached_tokens = None if None in cached else sum(cached)
         result = []
         for out in outputs:
             completions = []
