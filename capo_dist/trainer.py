@@ -36,6 +36,7 @@ from capo_dist.config import RunConfig, validate
 from capo_dist.data import DataError, DataStats, ProblemStream, load_jsonl, synthetic_arith
 from capo_dist.evaluate import load_bench
 from capo_dist.experience import Experience
+from capo_dist.judge_dispatch import JudgeDispatch
 from capo_dist.judge_health import JudgeUnusableError, invalid_streak_check, judge_label
 from capo_dist.judge_worker import JudgeWorker
 from capo_dist.learner import LearnerConfig
@@ -67,6 +68,7 @@ class Chunk:
     rollouts: ray.ObjectRef
     judged: ray.ObjectRef | None
     judge_stats: ray.ObjectRef | None
+    judge: int | None = None  # the index of the judge worker that judges it
 
     @property
     def part(self) -> ray.ObjectRef:
@@ -272,6 +274,8 @@ class Trainer:
                     log_file=self._log_file(f"judge-{i}"),
                 )
             )
+        self.judge_dispatch = JudgeDispatch(max(len(self.judges), 1))
+        self._judge_refs: list[list[ray.ObjectRef]] = [[] for _ in self.judges]
         self.aggregator = RewardAggregator.options(name="aggregator", num_cpus=1).remote(
             cfg.capo, self.model_path, log_file=self._log_file("aggregator")
         )
@@ -305,11 +309,21 @@ class Trainer:
         """Rollout → judge for one slice of problems; returns refs at once."""
         worker = self.rollout[i % len(self.rollout)]
         rollouts, stats = worker.generate.options(num_returns=2).remote(problems)
-        judged = jstats = None
+        chunk = Chunk(problems, stats, rollouts, None, None)
         if self.judges:
-            judge = self.judges[i % len(self.judges)]
-            judged, jstats = judge.judge.options(num_returns=2).remote(rollouts)
-        return Chunk(problems, stats, rollouts, judged, jstats)
+            self._submit_judge(chunk)
+        return chunk
+
+    def _submit_judge(self, chunk: Chunk) -> None:
+        """The chunk's judge call, on the least-loaded judge (capo_dist.judge_dispatch)."""
+        for refs in self._judge_refs:  # keep the calls still running
+            refs[:] = ray.wait(refs, num_returns=len(refs), timeout=0)[1] if refs else []
+        j = self.judge_dispatch.choose([len(refs) for refs in self._judge_refs])
+        chunk.judge = j
+        chunk.judged, chunk.judge_stats = (
+            self.judges[j].judge.options(num_returns=2).remote(chunk.rollouts)
+        )
+        self._judge_refs[j].append(chunk.judged)
 
     def _collect(self) -> PendingStep:
         """Submit one step's rollout → judge → aggregate chain; returns at once."""
@@ -328,9 +342,10 @@ class Trainer:
             try:
                 exp = ray.get(pending.experience)
                 rollout_stats = ray.get([c.rollout_stats for c in pending.chunks])
-                judge_stats = ray.get(
-                    [c.judge_stats for c in pending.chunks if c.judge_stats is not None]
-                )
+                judged = [c for c in pending.chunks if c.judge_stats is not None]
+                judge_stats = ray.get([c.judge_stats for c in judged])
+                for c, s in zip(judged, judge_stats, strict=True):
+                    self.judge_dispatch.observe(c.judge, s["judge_seconds"])
                 return exp, rollout_stats, judge_stats, recovered
             except WORKER_LOST as err:
                 if getattr(
@@ -353,10 +368,7 @@ class Trainer:
             except WORKER_LOST:
                 try:
                     ray.get(chunk.rollouts)
-                    judge = self.judges[i % len(self.judges)]
-                    chunk.judged, chunk.judge_stats = judge.judge.options(num_returns=2).remote(
-                        chunk.rollouts
-                    )
+                    self._submit_judge(chunk)
                 except RayActorError:
                     pending.chunks[i] = self._submit_chunk(chunk.problems, i)
                 lost += 1

@@ -10,6 +10,8 @@ reward aggregator run on it with the Hugging Face engine.
 from __future__ import annotations
 
 import shutil
+import time
+from types import SimpleNamespace
 
 import pytest
 import ray
@@ -19,6 +21,7 @@ from transformers import AutoTokenizer
 from capo_dist.aggregator import RewardAggregator
 from capo_dist.config import CapoConfig, JudgeConfig, RolloutConfig
 from capo_dist.evaluate import evaluate_engine
+from capo_dist.judge_dispatch import JudgeDispatch
 from capo_dist.judge_worker import EngineBackend, JudgeRequest, JudgeWorker
 from capo_dist.rewards.critique import build_critique_prompt
 from capo_dist.rollout_worker import RolloutWorker
@@ -29,6 +32,7 @@ from capo_dist.tokenization import (
     pad_token_id,
     policy_prompt_ids,
 )
+from capo_dist.trainer import Chunk, PendingStep, Trainer
 from capo_dist.types import Problem
 
 CHAT_TEMPLATE = (
@@ -191,3 +195,38 @@ def test_chat_template_without_a_template_fails_at_worker_start(ray_cluster, tin
         ray.get(worker.state.remote())
     assert ChatTemplateError.__name__ in str(err.value)
     ray.kill(worker)
+
+
+@ray.remote(num_cpus=0)
+class SleepyJudge:
+    """A judge worker's call signature and stats, judging by sleeping `seconds`."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def judge(self, rollouts):
+        time.sleep(self.seconds)
+        return rollouts, {"judge_seconds": self.seconds}
+
+
+@pytest.mark.slow
+def test_the_trainer_sends_more_chunks_to_the_fast_judge(ray_cluster):
+    """Real Ray, two tiny actors (no engines): the trainer's own dispatch (`_submit_judge`,
+    and `_finish` reporting each chunk's judge_seconds) over 3 steps of 4 chunks. Step 1
+    knows no speeds (2 + 2); then the fast judge takes every chunk. Here, not in
+    tests/test_judge_dispatch.py, to share this module's Ray cluster (no second ray.init)."""
+    trainer = Trainer.__new__(Trainer)  # only the dispatch state: no engines, no learners
+    trainer.cfg = SimpleNamespace(trainer=SimpleNamespace(max_chunk_retries=0))
+    trainer.judges = [SleepyJudge.remote(0.5), SleepyJudge.remote(0.02)]
+    trainer.judge_dispatch = JudgeDispatch(2)
+    trainer._judge_refs = [[], []]
+    counts = [0, 0]
+    for step in range(3):
+        chunks = []
+        for i in range(4):
+            chunk = Chunk([], ray.put({}), ray.put([i]), None, None)
+            trainer._submit_judge(chunk)
+            counts[chunk.judge] += 1
+            chunks.append(chunk)
+        trainer._finish(PendingStep(chunks, ray.put(step)))
+    assert counts == [2, 10] and trainer.judge_dispatch.seconds == [0.5, 0.02]
