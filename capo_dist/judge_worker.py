@@ -72,6 +72,24 @@ class JudgeTokens:
     cached_prompt: int = 0
 
 
+def judge_token_metrics(stats: Sequence[dict[str, float]], policy_tokens: float) -> dict:
+    """A step's judge token figures from its judge calls' stats: prompt and completion
+    tokens, judge tokens per policy response token, and the prefix-cache hit rate of
+    the prompt tokens whose engine reported it (absent where none did)."""
+    prompt = sum(s.get("judge_prompt_tokens", 0.0) for s in stats)
+    completion = sum(s.get("judge_completion_tokens", 0.0) for s in stats)
+    out = {
+        "judge_prompt_tokens": prompt,
+        "judge_completion_tokens": completion,
+        "judge_tokens_per_policy_token": (prompt + completion) / max(policy_tokens, 1.0),
+    }
+    reported = sum(s.get("judge_cached_prompt_tokens", 0.0) for s in stats)
+    if reported > 0:
+        cached = sum(s.get("judge_cached_tokens", 0.0) for s in stats)
+        out["judge_prefix_cache_hit_rate"] = cached / reported
+    return out
+
+
 class JudgeBackend(Protocol):
     def critiques(self, requests: Sequence[JudgeRequest], n: int) -> list[JudgeReply]: ...
 

@@ -38,7 +38,7 @@ from capo_dist.evaluate import load_bench
 from capo_dist.experience import Experience
 from capo_dist.judge_dispatch import JudgeDispatch
 from capo_dist.judge_health import JudgeUnusableError, invalid_streak_check, judge_label
-from capo_dist.judge_worker import JudgeWorker
+from capo_dist.judge_worker import JudgeWorker, judge_token_metrics
 from capo_dist.learner import LearnerConfig
 from capo_dist.learner_group import LearnerGroup, get_all
 from capo_dist.metrics import MetricsLogger, forget_steps_after
@@ -586,6 +586,7 @@ class Trainer:
                 / max(len(self.judges), 1),
                 "judge_request_failures": sum(s["judge_request_failures"] for s in judge_stats),
                 "judge_unchecked_steps": sum(s["judge_unchecked_steps"] for s in judge_stats),
+                **judge_token_metrics(judge_stats, sum(s["rollout_tokens"] for s in rollout_stats)),
                 "time_train": t_sync - t_train,
                 "time_sync": t_end - t_sync,
                 "time_sync_load": max(load_times),

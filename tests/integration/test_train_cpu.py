@@ -153,6 +153,17 @@ def test_model_judge_backends(tmp_path, model_build_dir, warm_policy, judge, on_
     check_learns(record)
     assert record["judge_invalid_rate"] == 1.0 and record["judge_invalid_steps"] == 1
     assert record["judge_abstain_rate"] == 1.0
+    # Judge token metrics: the engine's own counts; vLLM reports its prefix-cache hits.
+    assert record["judge_prompt_tokens"] > 0 and record["judge_completion_tokens"] > 0
+    assert record["judge_tokens_per_policy_token"] == pytest.approx(
+        (record["judge_prompt_tokens"] + record["judge_completion_tokens"])
+        / (record["tokens_per_s"] * record["time_rollout"]),
+        rel=1e-6,
+    )
+    if judge == "vllm":
+        assert 0.0 <= record["judge_prefix_cache_hit_rate"] <= 1.0
+    else:
+        assert "judge_prefix_cache_hit_rate" not in record  # HF has no prefix cache to report
 
 
 def _free_port() -> int:
@@ -193,6 +204,7 @@ def test_openai_judge_against_vllm_server(tmp_path, model_build_dir):
             "tiny-judge",
             "--api-key",
             key,
+            "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -236,6 +248,10 @@ def test_openai_judge_against_vllm_server(tmp_path, model_build_dir):
     check_step(record)
     # Every judge request was answered (a 401 would count here): the key was sent.
     assert record["judge_request_failures"] == 0.0
+    # Judge token metrics from the server's usage, prefix-cache hits included.
+    assert record["judge_prompt_tokens"] > 0 and record["judge_completion_tokens"] > 0
+    assert record["judge_tokens_per_policy_token"] > 0
+    assert 0.0 <= record["judge_prefix_cache_hit_rate"] <= 1.0
     assert record["judge_invalid_rate"] > 0.5  # real texts from a random model: unparsable
     # The key came from the environment only: no file the run, wandb or Ray wrote holds it.
     wandb_files = [p for p in (tmp_path / "wandb").rglob("*") if p.is_file()]
