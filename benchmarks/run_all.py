@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "weight_sync": ([], ["--quick"]),
     "generation": ([], ["--quick"]),
     "vs_trl": ([], ["--quick"]),
+    "judge_throughput": ([], ["--quick"]),
 }
 
 
@@ -54,6 +55,13 @@ def goals(name: str, fig: dict) -> list[tuple[str, bool | None]]:
         return out
     if name == "vs_trl":
         return [("capo_dist/TRL samples/s ≥ 1.0", fig["ratio"] >= 1.0)]
+    if name == "judge_throughput":
+        out = []
+        if "n_vs_separate" in fig:
+            out.append(("n=4 in one request ≥ 2x 4 requests", fig["n_vs_separate"] >= 2.0))
+        if "http_c16_vs_c1" in fig:
+            out.append(("HTTP judge concurrency 16 ≥ 4x 1", fig["http_c16_vs_c1"] >= 4.0))
+        return out
     return []
 
 
@@ -91,6 +99,19 @@ def headline(name: str, fig: dict) -> str:
             f"capo_dist {fig['capo_dist_samples_per_s']:.2f} vs TRL {fig['trl_samples_per_s']:.2f} "
             f"samples/s ({fig['ratio']:.2f}x)"
         )
+    if name == "judge_throughput":
+        parts = []
+        if "n_vs_separate" in fig:
+            parts.append(
+                f"n=4 {fig['n_request_critiques_per_s']:.2f} vs 4 requests "
+                f"{fig['separate_critiques_per_s']:.2f} critiques/s ({fig['n_vs_separate']:.2f}x)"
+            )
+        if "http_c16_vs_c1" in fig:
+            parts.append(
+                f"HTTP c16 {fig['http_c16_critiques_per_s']:.2f} vs c1 "
+                f"{fig['http_c1_critiques_per_s']:.2f} critiques/s ({fig['http_c16_vs_c1']:.2f}x)"
+            )
+        return "; ".join(parts)
     return ""
 
 

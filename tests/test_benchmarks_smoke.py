@@ -49,6 +49,20 @@ def test_goals_and_headlines_read_the_json_shapes():
     assert [ok for _, ok in goals("weight_sync", ws)] == [False, False]
     trl = {"capo_dist_samples_per_s": 2.0, "trl_samples_per_s": 1.0, "ratio": 2.0}
     assert goals("vs_trl", trl) == [("capo_dist/TRL samples/s ≥ 1.0", True)]
+    judge = {
+        "n_request_critiques_per_s": 5.0,
+        "separate_critiques_per_s": 2.0,
+        "n_vs_separate": 2.5,
+        "http_c16_critiques_per_s": 6.0,
+        "http_c1_critiques_per_s": 2.0,
+        "http_c16_vs_c1": 3.0,
+    }
+    assert [ok for _, ok in goals("judge_throughput", judge)] == [True, False]
+    assert "(2.50x)" in headline("judge_throughput", judge)
+    assert "(3.00x)" in headline("judge_throughput", judge)
+    engine_only = {k: v for k, v in judge.items() if not k.startswith("http")}
+    assert [ok for _, ok in goals("judge_throughput", engine_only)] == [True]  # --only engine
+    assert "HTTP" not in headline("judge_throughput", engine_only)
 
 
 README_BENCH = "make bench"
