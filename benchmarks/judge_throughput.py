@@ -191,10 +191,10 @@ def _rate(runs: list[dict], key: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke sizes")
-    ap.add_argument("--prompts", type=int, default=16, help="(a) prompts per pass")
-    ap.add_argument("--http-prompts", type=int, default=32, help="(b) prompts per pass")
+    ap.add_argument("--prompts", type=int, default=8, help="(a) prompts per pass")
+    ap.add_argument("--http-prompts", type=int, default=16, help="(b) prompts per pass")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="passes per mode (median)")
     ap.add_argument("--only", choices=["engine", "http"], help="run one side only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
