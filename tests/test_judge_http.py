@@ -26,10 +26,12 @@ from capo_dist.judge_health import DownDetector, JudgeDownError
 from capo_dist.judge_http import (
     HttpJudgeClient,
     HttpJudgeConfig,
+    Usage,
     choice_texts,
     retry_after_seconds,
+    usage_of,
 )
-from capo_dist.judge_worker import HttpBackend, JudgeRequest, critique_all
+from capo_dist.judge_worker import HttpBackend, JudgeRequest, critique_all, judge_token_metrics
 
 
 class ScriptedEndpoint:
@@ -652,3 +654,55 @@ def test_a_failing_request_abstains_the_others_answer(aio_client):
     out = client.critique_many(["prompt 0", "fail 1", "prompt 2"], 2)
     assert out == [["prompt 0 #0", "prompt 0 #1"], [None, None], ["prompt 2 #0", "prompt 2 #1"]]
     assert client.failures == {"http_500": 2, "gave_up": 1}  # max_retries=1: two attempts
+
+
+@pytest.mark.parametrize(
+    "usage, expected",
+    [
+        ({"prompt_tokens": 10, "completion_tokens": 3}, Usage(10, 3, None)),
+        (
+            {
+                "prompt_tokens": 10,
+                "completion_tokens": 3,
+                "prompt_tokens_details": {"cached_tokens": 8},
+            },
+            Usage(10, 3, 8),
+        ),
+        ({"prompt_tokens": True, "completion_tokens": 3}, None),  # not a count
+        ({"prompt_tokens": -1, "completion_tokens": 3}, None),
+        ({"prompt_tokens": 10**15, "completion_tokens": 3}, None),  # past any real count
+        (
+            {"prompt_tokens": 10, "completion_tokens": 3, "prompt_tokens_details": 5},
+            Usage(10, 3, None),
+        ),
+        ("usage", None),
+    ],
+)
+def test_usage_is_read_as_bounded_counts(usage, expected):
+    assert usage_of({"choices": [], "usage": usage}) == expected
+
+
+def test_token_metrics_sum_the_judge_calls():
+    """Per step: the calls' tokens summed, per policy token; the cache hit rate only over
+    the prompt tokens whose engine reported it, and absent where none did."""
+    calls = [
+        {
+            "judge_prompt_tokens": 100.0,
+            "judge_completion_tokens": 50.0,
+            "judge_cached_tokens": 60.0,
+            "judge_cached_prompt_tokens": 80.0,
+        },
+        {
+            "judge_prompt_tokens": 20.0,
+            "judge_completion_tokens": 30.0,
+            "judge_cached_tokens": 0.0,
+            "judge_cached_prompt_tokens": 0.0,
+        },
+    ]
+    assert judge_token_metrics(calls, policy_tokens=100.0) == {
+        "judge_prompt_tokens": 120.0,
+        "judge_completion_tokens": 80.0,
+        "judge_tokens_per_policy_token": 2.0,
+        "judge_prefix_cache_hit_rate": 0.75,
+    }
+    assert "judge_prefix_cache_hit_rate" not in judge_token_metrics(calls[1:], 10.0)
