@@ -109,6 +109,7 @@ class FaultyTrainer(Trainer):
 
     kill_workers_at_collect: int | None = None  # kill when step N's collection is submitted
     kill_worker_index: int = 0  # which rollout and judge worker (index modulo their count)
+    killed_chunks: set[int] | None = None  # the chunks in flight on the killed workers
     # Kill learner rank 1 when the driver calls this learner-group method in step N
     # (save_checkpoint: after step N's row is logged, while checkpoint N is written).
     kill_learner_at: tuple[str, int] | None = None
@@ -124,6 +125,15 @@ class FaultyTrainer(Trainer):
             os.kill(pid, signal.SIGKILL)
         if pids:
             self.kill_workers_at_collect = None
+            # The chunks the kill loses: those sampled by the killed rollout worker (chunk i
+            # on worker i % count) and those sent to the killed judge (least-loaded dispatch).
+            i = self.kill_worker_index
+            self.killed_chunks = {
+                k
+                for k, chunk in enumerate(pending.chunks)
+                if k % len(self.rollout) == i % len(self.rollout)
+                or (self.judges and chunk.judge == i % len(self.judges))
+            }
         return pending
 
     def _learners(self, method, *args):
