@@ -604,16 +604,18 @@ def test_max_concurrency_requests_in_flight_and_order_kept(aio_client):
 @pytest.mark.parametrize(
     "limit",
     [
-        {"rpm": 600.0},  # one start every 0.1 s
-        {"tpm": 600.0 * (len("prompt 0") // 4 + 1 + 10)},  # its token estimate every 0.1 s
+        {"rpm": 300.0},  # one start every 0.2 s
+        {"tpm": 300.0 * (len("prompt 0") // 4 + 1 + 10)},  # its token estimate every 0.2 s
     ],
 )
 def test_rate_limits_space_the_starts(aio_client, limit):
+    """6 requests, 8 slots: without a limit they would all arrive at once; spaced, the last
+    starts 1.0 s after the first. The server's arrival stamps jitter under load (one request
+    can be handled late, the next on time), so the span is checked, with 0.2 s of slack."""
     server, client = aio_client(max_concurrency=8, max_tokens=10, **limit)
     out = client.critique_many([f"prompt {i}" for i in range(6)], 1)
     assert all(t is not None for texts in out for t in texts)
-    gaps = [b - a for a, b in zip(server.arrivals, server.arrivals[1:], strict=False)]
-    assert len(gaps) == 5 and min(gaps) >= 0.08  # never sooner (a loaded machine only delays)
+    assert len(server.arrivals) == 6 and server.arrivals[-1] - server.arrivals[0] >= 0.8
 
 
 def test_rate_limit_wait_past_the_deadline_abstains(aio_client):
