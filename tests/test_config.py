@@ -105,6 +105,13 @@ def test_contract_keys_exist():
         ("judge.request_deadline_s=-1", "judge.request_deadline_s=-1.0 must be > 0"),
         ("judge.down_after_s=0", "judge.down_after_s=0.0 must be > 0"),
         ("judge.retry_after_max_s=-1", "judge.retry_after_max_s=-1.0 must be >= 0"),
+        # judge prompts (capo_dist/judge_prompt.py; bad prompt files: tests/test_judge_prompt.py)
+        ("judge.prompt=nope", "is not a file; choose one of: capo, first_error, json"),
+        (
+            "judge.prompt=first_error",
+            "judge.prompt='first_error' reads replies with the 'first_error' parser, "
+            "but judge.backend=symbolic always answers 'Wrong step list",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):
