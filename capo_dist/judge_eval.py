@@ -398,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--data", type=Path, default=None, help="ProcessBench-format JSONL")
-    parser.add_argument("--size", type=int, default=1000, help="generated solutions (no --data)")
+    parser.add_argument("--size", type=int, default=4000, help="generated solutions (no --data)")
     parser.add_argument("--flaw-rate", type=float, default=0.5, help="generated: share flawed")
     parser.add_argument("--limit", type=int, default=None, help="first N rows of --data")
     parser.add_argument("--num-critiques", type=int, default=4, help="N critiques per solution")

@@ -19,7 +19,7 @@ from capo_dist.judge_prompt import load_judge_prompt
 from capo_dist.judge_worker import HttpBackend, StepCheckerBackend
 from tests.runs import REPO, readme_argv
 
-README_JUDGE_EVAL = "python -m capo_dist.judge_eval --backend symbolic --flip-prob 0.2 --num-critiques 4 --out judge_eval.json"
+README_JUDGE_EVAL = "python -m capo_dist.judge_eval --backend symbolic --flip-prob 0.2 --num-critiques 4 --out outputs/judge_eval/symbolic.json"
 
 
 def _binomial_tail(n: int, q: float, k_min: int) -> float:
@@ -207,7 +207,7 @@ def test_bad_options_fail_before_the_judge_starts(argv, message, capsys):
 def test_readme_line_runs_as_written(tmp_path: Path):
     """The README's judge_eval line on generated arithmetic, a smaller set and --out in the
     test's directory appended (a later --out wins)."""
-    out = tmp_path / "judge_eval.json"
+    out = tmp_path / "symbolic.json"
     argv = readme_argv(README_JUDGE_EVAL, "--size", "200", "--out", str(out))
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
