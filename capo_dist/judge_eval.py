@@ -367,11 +367,11 @@ def _judge_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("judge (the judge.* keys of a run; defaults as there)")
     for f in dataclasses.fields(JudgeConfig):
         default = getattr(JudgeConfig(), f.name)
-        if f.name in ("num_workers", "num_gpus_per_worker"):
-            continue  # one backend in this process
+        if f.name in ("num_workers", "num_gpus_per_worker", "max_invalid_steps", "on_invalid"):
+            continue  # one backend in this process; the training-only judge-health keys
         kind = _OPTIONAL.get(f.name) or (_bool if isinstance(default, bool) else type(default))
         group.add_argument(
-            "--" + f.name.replace("_", "-"), type=kind, default=default, help=f"(default {default})"
+            "--" + f.name.replace("_", "-"), type=kind, default=default, help=f"judge.{f.name}"
         )
 
 
