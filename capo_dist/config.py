@@ -113,6 +113,9 @@ class JudgeConfig:
     temperature: float = 0.7
     max_tokens: int = 512
     include_reference: bool = True
+    # The judge's prompt and the parser of its replies: a name in conf/judge_prompt/
+    # (capo, first_error, json) or the path of a .yaml file (fields: capo_dist.judge_prompt).
+    prompt: str = "capo"
     # OpenAI-compatible endpoint (judge.backend=openai).
     base_url: str | None = None
     model: str | None = None
@@ -362,6 +365,20 @@ def _wandb_key_found() -> bool:
         ) from None
 
 
+def _validate_judge_prompt(judge: JudgeConfig) -> None:
+    """`judge.prompt` loads (file, placeholders, parser); the symbolic judge writes
+    `Wrong step list: [...]` whatever it is asked, so it needs that parser."""
+    from capo_dist.judge_prompt import load_judge_prompt
+
+    prompt = load_judge_prompt(judge.prompt)
+    if judge.backend == "symbolic" and prompt.parser != "wrong_step_list":
+        raise ConfigError(
+            f"judge.prompt={judge.prompt!r} reads replies with the {prompt.parser!r} parser, "
+            "but judge.backend=symbolic always answers 'Wrong step list: [...]': use "
+            "judge.prompt=capo with the symbolic judge, or a model judge with this prompt"
+        )
+
+
 def validate(cfg: RunConfig) -> None:
     """Check every value a type cannot; raise ConfigError naming key, value and fix."""
     _one_of("capo.vote", cfg.capo.vote, VOTE_MODES)
@@ -442,6 +459,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"eval.benches.{name}={path!r} is not a file; give a benchmark JSONL path"
             )
+    _validate_judge_prompt(cfg.judge)
     if not 0.0 <= cfg.judge.flip_prob <= 1.0:
         raise ConfigError(f"judge.flip_prob={cfg.judge.flip_prob} must be in [0, 1]")
     if cfg.data.path is not None and not Path(cfg.data.path).is_file():

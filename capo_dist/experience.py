@@ -19,7 +19,7 @@ import torch
 from capo_dist.config import CapoConfig
 from capo_dist.rewards.advantages import compute_advantages
 from capo_dist.rewards.capo import token_rewards_batch
-from capo_dist.rewards.critique import parse_critique
+from capo_dist.rewards.critique_parsers import get_parser
 from capo_dist.rewards.steps import split_steps, token_char_offsets, token_steps
 from capo_dist.rewards.voting import vote_batch
 from capo_dist.types import JudgedRollout, TrainBatch
@@ -43,13 +43,15 @@ def make_experience(
     correct: Sequence[bool],
     cfg: CapoConfig,
     pad_token_id: int,
+    critique_parser: str = "wrong_step_list",
 ) -> Experience:
     """Score `judged` (whole groups, in order) and pack them for the learner.
 
     Responses are grouped by problem uid for the advantage, so a problem held
     twice in one step would silently merge two groups: that is refused
     (ValueError) before any work (`capo_dist.data` makes uids unique and a
-    step's problems distinct).
+    step's problems distinct). Critiques are read by the parser named
+    `critique_parser` (the judge prompt's; capo_dist.rewards.critique_parsers).
     """
     seen = {(j.rollout.problem.uid, j.rollout.group_index) for j in judged}
     if len(seen) < len(judged):
@@ -61,6 +63,7 @@ def make_experience(
     S = max(num_steps)
     N = max((len(j.critiques) for j in judged), default=0)
     use_judge = cfg.w_process > 0 and N > 0
+    parse = get_parser(critique_parser)
 
     # Critiques → flags [B, N, S] and validity [B, N].
     flags = np.zeros((B, max(N, 1), S), dtype=bool)
@@ -73,7 +76,7 @@ def make_experience(
                 if text is None:
                     invalid += 1
                     continue
-                parsed = parse_critique(text, len(spans[b]))
+                parsed = parse(text, len(spans[b]))
                 dropped += parsed.dropped
                 if parsed.wrong is None:
                     invalid += 1
@@ -150,6 +153,7 @@ def make_experience(
             "judge_prompt": j.judge_prompt,
             "step_weights": [round(float(x), 4) for x in step_weights[b, : len(spans[b])]],
             "vote": cfg.vote,
+            "critique_parser": critique_parser,
         }
         for b, j in enumerate(judged)
     ]

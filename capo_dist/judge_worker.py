@@ -28,7 +28,7 @@ from capo_dist import telemetry
 from capo_dist.actor_logs import redirect_output
 from capo_dist.config import JudgeConfig
 from capo_dist.judge_health import DownDetector, judge_label
-from capo_dist.rewards.critique import build_critique_prompt
+from capo_dist.judge_prompt import JudgePrompt, load_judge_prompt
 from capo_dist.rewards.steps import split_steps
 from capo_dist.tokenization import encode_prompt, has_chat_template
 from capo_dist.types import JudgedRollout, Rollout, SamplingSpec
@@ -125,8 +125,10 @@ class HttpBackend:
     (`judge.max_concurrency` in flight, `judge.rpm` / `judge.tpm` limits) on one
     event loop (capo_dist.judge_http)."""
 
-    def __init__(self, cfg: JudgeConfig):
+    def __init__(self, cfg: JudgeConfig, prompt: JudgePrompt | None = None):
         from capo_dist.judge_http import HttpJudgeClient, HttpJudgeConfig
+
+        self.prompt = prompt or load_judge_prompt(cfg.prompt)
 
         self.client = HttpJudgeClient(
             HttpJudgeConfig(
@@ -170,15 +172,24 @@ class HttpBackend:
     ) -> list[JudgeReply]:
         """Replies in the requests' order; `on_reply` sees each one's critiques as it arrives
         (and may raise, which cancels the rest)."""
-        prompts = [build_critique_prompt(r.question, r.steps, r.reference) for r in requests]
+        prompts = [self.prompt.render(r.question, r.steps, r.reference) for r in requests]
         return [JudgeReply(t) for t in self.client.critique_many(prompts, n, on_reply)]
 
 
 class EngineBackend:
     """A local generation engine (vLLM or HF) running the judge model."""
 
-    def __init__(self, cfg: JudgeConfig, model_path: str, seed: int, engine_kwargs: dict):
+    def __init__(
+        self,
+        cfg: JudgeConfig,
+        model_path: str,
+        seed: int,
+        engine_kwargs: dict,
+        prompt: JudgePrompt | None = None,
+    ):
         from capo_dist.engines import make_engine
+
+        self.prompt = prompt or load_judge_prompt(cfg.prompt)
 
         self.engine = make_engine(
             cfg.backend,
@@ -209,7 +220,7 @@ class EngineBackend:
         tok = self.engine.tokenizer()
         chat = has_chat_template(tok)
         prompts = [
-            encode_prompt(tok, build_critique_prompt(r.question, r.steps, r.reference), chat)
+            encode_prompt(tok, self.prompt.render(r.question, r.steps, r.reference), chat)
             for r in requests
         ]
         budget = self.context - self.cfg.max_tokens
@@ -281,17 +292,19 @@ class JudgeWorker:
         seed: int,
         engine_kwargs: dict | None = None,
         log_file: str | None = None,
+        prompt: JudgePrompt | None = None,
     ):
+        """`prompt`: the judge prompt the driver loaded (None: load `cfg.prompt` here)."""
         redirect_output(log_file)  # first: the engine's output goes there (actor_logs)
         self.cfg = cfg
         self.n = num_critiques
         if cfg.backend == "symbolic":
             self.backend: JudgeBackend = StepCheckerBackend(cfg.flip_prob, seed)
         elif cfg.backend == "openai":
-            self.backend = HttpBackend(cfg)
+            self.backend = HttpBackend(cfg, prompt)
         else:
             self.backend = EngineBackend(
-                cfg, cfg.model_path or policy_model_path, seed, engine_kwargs or {}
+                cfg, cfg.model_path or policy_model_path, seed, engine_kwargs or {}, prompt
             )
         self.down = DownDetector(
             cfg.max_consecutive_failures,

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from capo_dist.rewards.answers import extract_answer
-from capo_dist.rewards.critique import parse_critique
+from capo_dist.rewards.critique_parsers import get_parser
 from capo_dist.rewards.steps import token_steps
 
 # Diverging colour scale anchored at the four CAPO rewards of DESIGN §1.4.
@@ -76,6 +76,7 @@ class ResponseRecord:
     critiques: list[str | None]
     step_weights: list[float]
     vote: str
+    critique_parser: str = "wrong_step_list"  # absent in samples written before judge.prompt
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ResponseRecord:
@@ -94,6 +95,7 @@ class ResponseRecord:
             critiques=[None if c is None else str(c) for c in d["critiques"]],
             step_weights=[float(x) for x in d["step_weights"]],
             vote=str(d["vote"]),
+            critique_parser=str(d.get("critique_parser", "wrong_step_list")),
         )
         n, end = len(rec.token_offsets), len(rec.response)
         if len(rec.token_rewards) != n or len(rec.advantages) != n:
@@ -257,7 +259,8 @@ def _judge_html(rec: ResponseRecord) -> str:
         f" · gold: <code>{_e(rec.gold)}</code></div>",
     ]
     num_steps = len(rec.steps)
-    parsed = [parse_critique(c, num_steps) for c in rec.critiques]
+    parse = get_parser(rec.critique_parser)
+    parsed = [parse(c, num_steps) for c in rec.critiques]
     valid = [p for p in parsed if p.wrong is not None]
     if not rec.critiques:
         parts.append('<div class="vote">no critiques (judge off: outcome reward only)</div>')
@@ -283,7 +286,10 @@ def _judge_html(rec: ResponseRecord) -> str:
         if text is None:
             head = "judge failed (abstains)"
         elif p.wrong is None:
-            head = "no parsable <code>Wrong step list</code> (invalid, abstains)"
+            head = (
+                f"not a critique the <code>{_e(rec.critique_parser)}</code> parser reads "
+                "(invalid, abstains)"
+            )
         else:
             head = "flags " + (", ".join(f"S{k}" for k in sorted(p.wrong)) or "nothing")
             if p.dropped:

@@ -38,6 +38,7 @@ from capo_dist.evaluate import load_bench
 from capo_dist.experience import Experience
 from capo_dist.judge_dispatch import JudgeDispatch
 from capo_dist.judge_health import JudgeUnusableError, invalid_streak_check, judge_label
+from capo_dist.judge_prompt import load_judge_prompt
 from capo_dist.judge_worker import JudgeWorker, judge_token_metrics
 from capo_dist.learner import LearnerConfig
 from capo_dist.learner_group import LearnerGroup, get_all
@@ -111,8 +112,6 @@ def prepare_policy(cfg: RunConfig, corpus: list[str]) -> str:
 
         print("[capo_dist] building the warm-started tiny policy (once; cached in model.build_dir)")
         return str(warm_start(cfg.model.build_dir, prompt_template=cfg.data.prompt_template))
-    from capo_dist.rewards.critique import build_critique_prompt
-
     t = cfg.model.tiny
     spec = TinyModelSpec(
         vocab_size=t.vocab_size,
@@ -123,7 +122,10 @@ def prepare_policy(cfg: RunConfig, corpus: list[str]) -> str:
         num_key_value_heads=t.num_attention_heads,
         seed=cfg.trainer.seed,
     )
-    texts = corpus + [cfg.data.prompt_template, build_critique_prompt("Q", ["a", "b"], "1")]
+    texts = corpus + [
+        cfg.data.prompt_template,
+        load_judge_prompt(cfg.judge.prompt).render("Q", ["a", "b"], "1"),
+    ]
     key = hashlib.sha256(json.dumps([asdict(spec), texts]).encode()).hexdigest()[:12]
     return str(build_tiny_model(Path(cfg.model.build_dir) / f"tiny-{key}", texts, spec))
 
@@ -262,6 +264,7 @@ class Trainer:
                 )
             )
         self.judges = []
+        judge_prompt = load_judge_prompt(cfg.judge.prompt)  # checked by validate()
         for i in range(cfg.judge.num_workers if cfg.capo.w_process > 0 else 0):
             opts, engine_kwargs = self.plan.actor_options(f"judge-{i}")
             self.judges.append(
@@ -272,12 +275,16 @@ class Trainer:
                     cfg.trainer.seed * 1000 + i,
                     engine_kwargs,
                     log_file=self._log_file(f"judge-{i}"),
+                    prompt=judge_prompt,
                 )
             )
         self.judge_dispatch = JudgeDispatch(max(len(self.judges), 1))
         self._judge_refs: list[list[ray.ObjectRef]] = [[] for _ in self.judges]
         self.aggregator = RewardAggregator.options(name="aggregator", num_cpus=1).remote(
-            cfg.capo, self.model_path, log_file=self._log_file("aggregator")
+            cfg.capo,
+            self.model_path,
+            log_file=self._log_file("aggregator"),
+            critique_parser=judge_prompt.parser,
         )
         t = cfg.trainer
         self.learners = LearnerGroup(

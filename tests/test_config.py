@@ -116,6 +116,13 @@ def test_contract_keys_exist():
             "judge.n_per_request=many",
             "judge.n_per_request='many' is not valid; choose one of: auto, n, one",
         ),
+        # judge prompts (capo_dist/judge_prompt.py; bad prompt files: tests/test_judge_prompt.py)
+        ("judge.prompt=nope", "is not a file; choose one of: capo, first_error, json"),
+        (
+            "judge.prompt=first_error",
+            "judge.prompt='first_error' reads replies with the 'first_error' parser, "
+            "but judge.backend=symbolic always answers 'Wrong step list",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -134,6 +134,25 @@ REGISTRY: dict[str, RunBy | NotRun] = {
         "DIR = a tiny model; quick flags appended (--k 2 --max-new-tokens 6 --limit 2, one "
         "more --bench, --out <tmp>, --backend hf: vLLM's start costs ~40 s more)",
     ),
+    "python -m capo_dist.judge_eval --backend symbolic --flip-prob 0.2 --num-critiques 4 "
+    "--out outputs/judge_eval/symbolic.json": RunBy(
+        ("tests/test_judge_eval.py::test_readme_line_runs_as_written",),
+        "quick: --size 200 --out <tmp> appended (the README's table: the default 4,000)",
+    ),
+    "python -m capo_dist.judge_eval --backend vllm --model-path Qwen/Qwen2.5-72B-Instruct "
+    "--tensor-parallel-size 4 --data processbench_math.jsonl --num-critiques 4 "
+    "--out outputs/judge_eval/qwen72b.json": NotRun(
+        "a 72B judge on 4 GPUs and a ProcessBench export; the same evaluator runs in "
+        "tests/test_judge_eval.py (symbolic and OpenAI-compatible backends, a ProcessBench "
+        "file by path)"
+    ),
+    "python -m capo_dist.judge_eval --backend openai --base-url http://127.0.0.1:8000/v1 "
+    "--model Qwen/Qwen2.5-72B-Instruct --prompt first_error --data processbench_math.jsonl "
+    "--num-critiques 4 --out outputs/judge_eval/api.json": NotRun(
+        "needs a served judge model and a ProcessBench export; "
+        "tests/test_judge_eval.py::test_openai_judge_with_the_json_prompt runs the same "
+        "backend against a loopback OpenAI-compatible endpoint on a ProcessBench-format file"
+    ),
     "python -m capo_dist.report outputs/<name>/<time>": RunBy(
         ("tests/test_report.py::test_report_page_structure_without_a_browser",),
         "the placeholder = the test's run directory",

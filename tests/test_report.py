@@ -225,7 +225,7 @@ def test_report_page_structure_without_a_browser(report: Path, run_dir: Path):
     assert '<tr class="flag"><td>S0</td><td>4/4</td><td>1</td></tr>' in text
     assert "<tr><td>S1</td><td>2/4</td><td>0</td></tr>" in text
     assert "flags S0 (1 out-of-range index dropped)" in text
-    assert "no parsable <code>Wrong step list</code>" in text
+    assert "not a critique the <code>wrong_step_list</code> parser reads" in text
     assert "judge failed (abstains)" in text
 
 
@@ -290,6 +290,38 @@ def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     ]
     env = {**os.environ, "HOME": str(tmp)}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, check=True)
+
+
+def test_the_judge_prompts_parser_reads_the_critiques(tok, tmp_path: Path):
+    """`critique_parser` (the judge prompt's) reads the critiques, in the experience and in
+    the report: the group's critiques rewritten as JSON replies vote exactly as the CAPO
+    ones do under the `json` parser, and are all invalid under CAPO's parser."""
+    from capo_dist.rewards.critique import parse_critique
+
+    def as_json(c: str | None) -> str | None:
+        wrong = None if c is None else parse_critique(c, 9).wrong
+        return c if wrong is None else f'Checked.\n```json\n{{"wrong_steps": {sorted(wrong)}}}\n```'
+
+    cfg = RunConfig().capo
+    judged, correct = _judged(tok, GROUP, 0)
+    json_rows = [(r, ok, [as_json(c) for c in crits]) for r, ok, crits in GROUP]
+    judged_json, _ = _judged(tok, json_rows, 0)
+    capo = make_experience(judged, tok, correct, cfg, tok.pad_token_id)
+    read = make_experience(judged_json, tok, correct, cfg, tok.pad_token_id, "json")
+    unread = make_experience(judged_json, tok, correct, cfg, tok.pad_token_id)
+    assert [s["step_weights"] for s in read.samples] == [s["step_weights"] for s in capo.samples]
+    assert any(any(s["step_weights"]) for s in read.samples)
+    assert read.metrics["judge_invalid_rate"] == capo.metrics["judge_invalid_rate"] < 1
+    assert unread.metrics["judge_invalid_rate"] == 1.0
+    assert {s["critique_parser"] for s in read.samples} == {"json"}
+    logger = MetricsLogger(tmp_path, RunConfig())
+    try:
+        logger.write_samples(0, read.samples)
+    finally:
+        logger.close()
+    text = build_report(tmp_path).read_text()
+    assert "critique 0: flags S0, S1" in text
+    assert "not a critique the <code>json</code> parser reads" in text
 
 
 def test_a_step_holding_one_problem_twice_is_refused_not_merged(tok):

@@ -5,7 +5,8 @@ heavy itself, and math-verify is imported only inside the verifier's worker
 processes):
 
 * `steps`      — split a response into steps; exact token → step map.
-* `critique`   — the GenPRM judge prompt; parsing `Wrong step list: [...]`.
+* `critique`   — parsing CAPO's `Wrong step list: [...]` critiques.
+* `critique_parsers` — critique parsers by name (first-error index, JSON, user ones).
 * `voting`     — the vote over critiques → per-step penalty weights.
 * `capo`       — the asymmetric token reward W_outcome·r − W_process·w[step].
 * `advantages` — group-normalised advantages (group_token, group_response, no_std).

@@ -1,7 +1,8 @@
-"""The GenPRM judge's prompt and the parsing of its critiques (DESIGN §1.2).
+"""The parsing of CAPO's critiques (DESIGN §1.2): the `wrong_step_list` parser.
 
-The judge reads the whole response once, shown step by step, and ends its
-critique with one line `Wrong step list: [i, j, …]`. `parse_critique` reads the
+The judge reads the whole response once, shown step by step (the prompt is
+conf/judge_prompt/capo.yaml, `capo_dist.judge_prompt`), and ends its critique
+with one line `Wrong step list: [i, j, …]`. `parse_critique` reads the
 LAST such line: indices outside the step range are dropped and counted, and a
 critique without a parsable list is invalid (`wrong is None`, it abstains in
 the vote). Parsing is regex-only (never `eval`) and bounded on hostile input.
@@ -10,7 +11,6 @@ the vote). Parsing is regex-only (never `eval`) and bounded on hostile input.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 # The most indices one list may hold; a longer list is not a critique.
@@ -24,45 +24,6 @@ _LIST_RE = re.compile(
     rf"[ \t*_:`]{{0,16}}\n?[ \t*_`]{{0,8}}\[([^\[\]]{{0,{MAX_LIST_ITEMS * 16}}})\]",
 )
 _ITEM_RE = re.compile(r"(?:step[ \t]*)?([+-]?)(\d+)")
-
-_PROMPT = """\
-You are a meticulous math teacher. Below is a problem{ref_clause} and a student's \
-solution split into numbered steps. Check each step ON ITS OWN CORRECTNESS: a step \
-is wrong if it contains a calculation error, a logical error, a false statement or \
-an unjustified claim. Do not mark a step wrong only because an earlier step was \
-wrong; judge whether the step itself is correct given what precedes it.
-
-## Problem
-{problem}
-{ref_block}
-## Solution
-{steps}
-
-Briefly examine the steps one by one. Then end your reply with exactly one line of \
-the form
-Wrong step list: [i, j, ...]
-listing the numbers of all wrong steps, or
-Wrong step list: []
-when every step is correct."""
-
-
-def build_critique_prompt(
-    problem: str, steps: Sequence[str], reference_answer: str | None = None
-) -> str:
-    """The judge's prompt: problem, optional reference answer, the steps as
-    `Step 0: …` lines, and the instruction to end with `Wrong step list: [...]`."""
-    shown = "\n\n".join(f"Step {i}: {s.strip()}" for i, s in enumerate(steps))
-    if reference_answer is None:
-        ref_clause, ref_block = "", ""
-    else:
-        ref_clause = " with its reference final answer"
-        ref_block = f"\n## Reference answer\n{reference_answer.strip()}\n"
-    return _PROMPT.format(
-        ref_clause=ref_clause,
-        problem=problem.strip(),
-        ref_block=ref_block,
-        steps=shown or "(empty solution)",
-    )
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from capo_dist.aggregator import RewardAggregator
 from capo_dist.config import CapoConfig, JudgeConfig, RolloutConfig
 from capo_dist.evaluate import evaluate_engine
 from capo_dist.judge_dispatch import JudgeDispatch
+from capo_dist.judge_prompt import load_judge_prompt
 from capo_dist.judge_worker import EngineBackend, JudgeRequest, JudgeWorker
-from capo_dist.rewards.critique import build_critique_prompt
 from capo_dist.rollout_worker import RolloutWorker
 from capo_dist.tokenization import (
     ChatTemplateError,
@@ -104,7 +104,8 @@ def test_judge_engine_backend_sends_chat_prompts(chat_model: str, tok):
     replies = backend.critiques(requests, n=2)
     for request, reply in zip(requests, replies, strict=True):
         text, _ = _expected_chat(
-            tok, build_critique_prompt(request.question, request.steps, request.reference)
+            tok,
+            load_judge_prompt("capo").render(request.question, request.steps, request.reference),
         )
         assert reply.prompt == text  # what the engine received, special tokens kept
         assert reply.prompt.startswith("<|bos|><|user|>\n")

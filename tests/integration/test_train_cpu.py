@@ -121,7 +121,10 @@ def test_model_judge_backends(tmp_path, model_build_dir, warm_policy, judge, on_
     abstain, never crash, and the outcome reward still trains. With every critique invalid for judge.max_invalid_steps=1 step (the
     default is 3, more than this 1-step run), on_invalid=error stops the run after that step
     (its metrics logged) naming the judge; warn says so loudly and goes on. With
-    `logging.verbose=true` (the vLLM judge) its engine's logs come back to the terminal."""
+    `logging.verbose=true` (the vLLM judge) its engine's logs come back to the terminal.
+    The HF judge reads the `json` judge prompt (judge.prompt), and its parser reads the
+    critiques."""
+    prompt = "json" if judge == "hf" else "capo"
     overrides = (
         *learning(warm_policy),
         *OUTCOME_ONLY,
@@ -132,6 +135,7 @@ def test_model_judge_backends(tmp_path, model_build_dir, warm_policy, judge, on_
         "judge.max_invalid_steps=1",
         f"judge.on_invalid={on_invalid}",
         f"logging.verbose={judge == 'vllm'}",
+        f"judge.prompt={prompt}",
     )
     proc = launch(
         README_MAJORITY, tmp_path, model_build_dir, *overrides, check=on_invalid == "warn"
@@ -164,6 +168,11 @@ def test_model_judge_backends(tmp_path, model_build_dir, warm_policy, judge, on_
         assert 0.0 <= record["judge_prefix_cache_hit_rate"] <= 1.0
     else:
         assert "judge_prefix_cache_hit_rate" not in record  # HF has no prefix cache to report
+    samples = (tmp_path / "samples" / "step_000001.jsonl").read_text().splitlines()
+    sample = json.loads(samples[0])
+    assert sample["critique_parser"] == {"json": "json", "capo": "wrong_step_list"}[prompt]
+    marker = {"json": '{"wrong_steps": []}', "capo": "Wrong step list: []"}[prompt]
+    assert marker in sample["judge_prompt"]  # the exact text the judge model read
 
 
 def _free_port() -> int:

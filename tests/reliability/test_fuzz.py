@@ -7,6 +7,7 @@ critiques) and draw the same examples on every run (the `ci` profile in tests/co
 the explicit examples below each crashed or stalled an earlier version.
 """
 
+import json
 import time
 from fractions import Fraction
 
@@ -17,6 +18,11 @@ from hypothesis import strategies as st
 from capo_dist.judge_worker import JudgeRequest, StepCheckerBackend
 from capo_dist.rewards.answers import MAX_SCAN_CHARS, last_boxed, normalize_answer
 from capo_dist.rewards.critique import parse_critique, parse_wrong_steps
+from capo_dist.rewards.critique_parsers import (
+    CRITIQUE_PARSERS,
+    parse_first_error,
+    parse_json_critique,
+)
 from capo_dist.rewards.steps import _invalid_utf8_ranges, split_steps
 from capo_dist.rewards.verifier import Verifier, extract_answer
 from capo_dist.step_checker import (
@@ -151,6 +157,62 @@ def test_critique_parser_is_bounded_on_megabyte_critiques(text):
     start = time.perf_counter()
     parse_critique(text, 5)
     assert time.perf_counter() - start < 3.0  # measured < 0.02 s each
+
+
+# Any JSON value, as a judge might end its reply with it.
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**20) | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=30,
+)
+JSON_SHAPED = st.builds(
+    lambda pre, value, post: pre + json.dumps(value) + post,
+    st.one_of(MATHY, CRITIQUE_SHAPED),
+    st.one_of(JSON_VALUES, st.fixed_dictionaries({"wrong_steps": JSON_VALUES})),
+    st.sampled_from(["", "\n```", ".", " and more", "]", "}"]),
+)
+
+
+@FUZZ
+@given(
+    text=st.one_of(MATHY, CRITIQUE_SHAPED, JSON_SHAPED, BOXY),
+    num_steps=st.integers(0, 50),
+    name=st.sampled_from(sorted(CRITIQUE_PARSERS)),
+)
+def test_every_parser_never_raises(text, num_steps, name):
+    """Every registered critique parser, on any text: a subset of the steps or invalid,
+    in bounded time."""
+    start = time.perf_counter()
+    parsed = CRITIQUE_PARSERS[name](text, num_steps)
+    assert parsed.wrong is None or all(0 <= i < num_steps for i in parsed.wrong)
+    assert time.perf_counter() - start < PER_CALL_S
+
+
+@FUZZ
+@given(
+    pre=st.one_of(MATHY, CRITIQUE_SHAPED, JSON_SHAPED),
+    items=st.lists(st.integers(-3, 40), max_size=30),
+    num_steps=st.integers(0, 30),
+    wrapped=st.booleans(),
+)
+def test_json_parser_reads_a_final_json_answer(pre, items, num_steps, wrapped):
+    """Whatever comes before it, a final JSON answer is read exactly."""
+    value = {"note": pre[-40:], "wrong_steps": items} if wrapped else items
+    parsed = parse_json_critique(f"{pre}\n{json.dumps(value)}", num_steps)
+    assert parsed.wrong == {i for i in items if 0 <= i < num_steps}
+    assert parsed.dropped == sum(not 0 <= i < num_steps for i in items)
+
+
+@FUZZ
+@given(pre=st.one_of(MATHY, BOXY), first=st.integers(-1, 29), num_steps=st.integers(1, 30))
+def test_first_error_parser_reads_a_final_box(pre, first, num_steps):
+    """Whatever comes before it, a final boxed index is read (in range: that step; -1:
+    none; past the last step: invalid)."""
+    parsed = parse_first_error(f"{pre}\nThe first error: \\boxed{{{first}}}", num_steps)
+    if first == -1:
+        assert parsed.wrong == frozenset()
+    else:
+        assert parsed.wrong == ({first} if first < num_steps else None)
 
 
 @pytest.mark.parametrize("text", [b"Wrong step list: [1]", ["Wrong step list: [1]"], 7])

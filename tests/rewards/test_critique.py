@@ -1,4 +1,4 @@
-"""The judge prompt and critique parsing (DESIGN §1.2)."""
+"""The CAPO judge prompt (conf/judge_prompt/capo.yaml) and critique parsing (DESIGN §1.2)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from capo_dist.judge_prompt import load_judge_prompt
 from capo_dist.rewards.critique import (
     MAX_LIST_ITEMS,
     ParsedCritique,
-    build_critique_prompt,
     parse_critique,
     parse_wrong_steps,
 )
+
+build_critique_prompt = load_judge_prompt("capo").render
 
 
 def test_prompt_contents():

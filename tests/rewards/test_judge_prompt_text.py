@@ -1,7 +1,10 @@
-"""The judge's prompt, character for character: what the judge is shown is part of the
-method (DESIGN §1.2), so any change to it must be a deliberate change of this test."""
+"""The default judge prompt (`judge.prompt=capo`, conf/judge_prompt/capo.yaml), character
+for character: what the judge is shown is part of the method (DESIGN §1.2), so any change
+to it must be a deliberate change of this test."""
 
-from capo_dist.rewards.critique import build_critique_prompt
+from capo_dist.judge_prompt import load_judge_prompt
+
+build_critique_prompt = load_judge_prompt("capo").render
 
 _HEAD = (
     "You are a meticulous math teacher. Below is a problem{ref_clause} and a student's "

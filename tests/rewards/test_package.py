@@ -21,7 +21,7 @@ def test_light_imports():
     code = (
         "import sys\n"
         "import capo_dist.rewards, capo_dist.rewards.verifier, capo_dist.rewards.critique\n"
-        "import capo_dist.rewards.steps, capo_dist.rewards.voting\n"
+        "import capo_dist.rewards.steps, capo_dist.rewards.voting, capo_dist.rewards.critique_parsers\n"
         "heavy = [m for m in ('ray', 'torch', 'math_verify', 'sympy', 'transformers')"
         " if m in sys.modules]\n"
         "print(heavy)\n"
