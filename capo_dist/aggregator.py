@@ -14,7 +14,7 @@ import ray
 from capo_dist import telemetry
 from capo_dist.actor_logs import redirect_output
 from capo_dist.config import CapoConfig
-from capo_dist.experience import Experience, make_experience
+from capo_dist.experience import BatchRecipe, Experience, make_experience
 from capo_dist.tokenization import pad_token_id
 from capo_dist.types import JudgedRollout, Rollout
 
@@ -29,13 +29,16 @@ class RewardAggregator:
         tokenizer_path: str,
         verifier_timeout_s: float = 3.0,
         log_file: str | None = None,
+        recipe: BatchRecipe | None = None,
     ):
+        """`recipe`: truncated responses and group filtering (`BatchRecipe`; None: neither)."""
         redirect_output(log_file)  # first (capo_dist.actor_logs)
         from transformers import AutoTokenizer
 
         from capo_dist.rewards.verifier import Verifier
 
         self.cfg = cfg
+        self.recipe = recipe
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         # Llama-3 tokenizers define no pad token.
         self.pad_token_id = pad_token_id(self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
@@ -56,7 +59,9 @@ class RewardAggregator:
         correct = self.verifier.check_many(
             [j.rollout.completion.text for j in judged], [j.rollout.problem.gold for j in judged]
         )
-        exp = make_experience(judged, self.tokenizer, correct, self.cfg, self.pad_token_id)
+        exp = make_experience(
+            judged, self.tokenizer, correct, self.cfg, self.pad_token_id, self.recipe
+        )
         exp.metrics["time_reward"] = time.perf_counter() - start
         for key in ("judge_invalid_rate", "reward_mean", "accuracy", "process_penalty_rate"):
             telemetry.record(f"capo_{key}", exp.metrics[key], "aggregator")
