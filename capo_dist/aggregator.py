@@ -14,7 +14,7 @@ import ray
 from capo_dist import telemetry
 from capo_dist.actor_logs import redirect_output
 from capo_dist.config import CapoConfig
-from capo_dist.experience import Experience, make_experience
+from capo_dist.experience import BatchRecipe, Experience, make_experience
 from capo_dist.tokenization import pad_token_id
 from capo_dist.types import JudgedRollout, Rollout
 
@@ -30,8 +30,10 @@ class RewardAggregator:
         verifier_timeout_s: float = 3.0,
         log_file: str | None = None,
         critique_parser: str = "wrong_step_list",
+        recipe: BatchRecipe | None = None,
     ):
-        """`critique_parser`: the judge prompt's parser (capo_dist.rewards.critique_parsers)."""
+        """`critique_parser`: the judge prompt's parser (capo_dist.rewards.critique_parsers);
+        `recipe`: truncated responses and group filtering (`BatchRecipe`; None: neither)."""
         redirect_output(log_file)  # first (capo_dist.actor_logs)
         from transformers import AutoTokenizer
 
@@ -39,6 +41,7 @@ class RewardAggregator:
 
         self.cfg = cfg
         self.critique_parser = critique_parser
+        self.recipe = recipe
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         # Llama-3 tokenizers define no pad token.
         self.pad_token_id = pad_token_id(self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
@@ -60,7 +63,13 @@ class RewardAggregator:
             [j.rollout.completion.text for j in judged], [j.rollout.problem.gold for j in judged]
         )
         exp = make_experience(
-            judged, self.tokenizer, correct, self.cfg, self.pad_token_id, self.critique_parser
+            judged,
+            self.tokenizer,
+            correct,
+            self.cfg,
+            self.pad_token_id,
+            critique_parser=self.critique_parser,
+            recipe=self.recipe,
         )
         exp.metrics["time_reward"] = time.perf_counter() - start
         for key in ("judge_invalid_rate", "reward_mean", "accuracy", "process_penalty_rate"):

@@ -198,3 +198,29 @@ class CheckpointManager:
 
 def read_driver_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / DRIVER_STATE).read_text())
+
+
+# Hugging Face snapshots of the policy (trainer.save_hf_every), beside the DeepSpeed
+# checkpoints: <checkpoint_dir>/hf/step_XXXXXXXX, every one kept.
+HF_SNAPSHOTS = "hf"
+
+
+def hf_snapshots(checkpoint_dir: str | Path) -> CheckpointManager:
+    """The manager of `<checkpoint_dir>/hf`: the same staging, fsync and rename as a
+    checkpoint, nothing pruned; `recover` it once before saving into it."""
+    return CheckpointManager(Path(checkpoint_dir) / HF_SNAPSHOTS, keep=sys.maxsize)
+
+
+def save_hf_snapshot(
+    snapshots: CheckpointManager, step: int, write: Callable[[Path], None]
+) -> Path:
+    """`write(staging_dir)` a Hugging Face checkpoint, then commit it as `step_XXXXXXXX`.
+
+    Until the rename, the files sit under a staging name that no reader takes
+    for a checkpoint (and `recover` sweeps): a writer killed half-way leaves no
+    directory named for the step. A `driver_state.json` holding the step is
+    written beside the model files (what marks a directory complete).
+    """
+    staging = snapshots.begin(step)
+    write(staging)
+    return snapshots.commit(staging, step, {"step": step})

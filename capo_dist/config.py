@@ -24,6 +24,9 @@ JUDGE_BACKENDS = ("vllm", "hf", "openai", "symbolic")
 ROLLOUT_BACKENDS = ("vllm", "hf")
 SYNC_TRANSPORTS = ("object_store", "nccl", "gloo")
 WANDB_MODES = ("disabled", "offline", "online")
+ALL_WRONG_MODES = ("keep", "outcome_only")
+TRUNCATED_MODES = ("keep", "mask", "soft_penalty")
+FILTER_MODES = ("off", "outcome")
 
 
 class ConfigError(ValueError):
@@ -95,6 +98,13 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.85
     max_model_len: int = 1024
     chunks_per_worker: int = 2
+    # A response cut at max_new_tokens (the engine stopped on length): keep (scored like
+    # any other), mask (no loss, no part in its group's statistics, not sent to the judge)
+    # or soft_penalty (DAPO's overlong reward shaping: from max_new_tokens - overlong_buffer
+    # tokens on, the outcome reward falls linearly, to -overlong_penalty at max_new_tokens).
+    truncated: str = "keep"
+    overlong_buffer: int = 16
+    overlong_penalty: float = 1.0
 
 
 @dataclass
@@ -163,6 +173,10 @@ class CapoConfig:
     penalize_incorrect: bool = True
     advantage: str = "group_token"
     adv_eps: float = 1e-6
+    # A group whose responses are all wrong: keep (the process penalty still ranks them, so
+    # the wrong response with fewer flagged steps gets a positive advantage) or outcome_only
+    # (the process term is dropped in that group: every advantage in it is 0).
+    all_wrong_groups: str = "keep"
 
 
 @dataclass
@@ -227,6 +241,16 @@ class TrainerConfig:
     export_hf: bool = True
     # A rollout or judge chunk whose worker died is re-run this many times.
     max_chunk_retries: int = 3
+    # off | outcome: drop groups whose responses all have the same outcome (all right or
+    # all wrong) and generate rollout.prompts_per_step more prompts, at most
+    # filter_max_rounds extra times, until rollout.prompts_per_step groups are kept (DAPO's
+    # dynamic sampling). At the bound the step trains on what was kept; nothing kept: the
+    # update is skipped with a WARNING (capo_dist.trainer `_fill_batch`).
+    filter_groups: str = "off"
+    filter_max_rounds: int = 3
+    # Every N steps (0 = never) write the policy as a Hugging Face checkpoint to
+    # <checkpoint_dir>/hf/step_XXXXXXXX (staged, fsynced, renamed into place; all kept).
+    save_hf_every: int = 0
 
 
 @dataclass
@@ -489,11 +513,34 @@ def validate(cfg: RunConfig) -> None:
             "trainer.sync.transport=object_store"
         )
     _at_least("trainer.sync.timeout_s", cfg.trainer.sync.timeout_s, 1)
+    _check_recipe(cfg)
     if cfg.trainer.stale_ratio_cap <= 1.0:
         raise ConfigError(
             f"trainer.stale_ratio_cap={cfg.trainer.stale_ratio_cap} must be > 1 (it caps the "
             "importance weight of stale rows; 2.0 is the default)"
         )
+
+
+def _check_recipe(cfg: RunConfig) -> None:
+    """Group filtering, truncated responses, all-wrong groups, Hugging Face saves."""
+    _one_of("capo.all_wrong_groups", cfg.capo.all_wrong_groups, ALL_WRONG_MODES)
+    _one_of("rollout.truncated", cfg.rollout.truncated, TRUNCATED_MODES)
+    _one_of("trainer.filter_groups", cfg.trainer.filter_groups, FILTER_MODES)
+    _at_least("trainer.filter_max_rounds", cfg.trainer.filter_max_rounds, 0)
+    _at_least("trainer.save_hf_every", cfg.trainer.save_hf_every, 0, " (0 = never)")
+    r = cfg.rollout
+    if r.truncated == "soft_penalty":
+        if not 1 <= r.overlong_buffer <= r.max_new_tokens:
+            raise ConfigError(
+                f"rollout.overlong_buffer={r.overlong_buffer} must be in [1, "
+                f"rollout.max_new_tokens={r.max_new_tokens}]: the penalty ramps over the last "
+                "overlong_buffer tokens before max_new_tokens"
+            )
+        if r.overlong_penalty < 0:
+            raise ConfigError(
+                f"rollout.overlong_penalty={r.overlong_penalty} must be >= 0 (the reward "
+                "subtracted at max_new_tokens; DAPO uses 1.0)"
+            )
 
 
 def gpus_needed(cfg: RunConfig) -> float:

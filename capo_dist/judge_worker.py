@@ -293,10 +293,14 @@ class JudgeWorker:
         engine_kwargs: dict | None = None,
         log_file: str | None = None,
         prompt: JudgePrompt | None = None,
+        skip_truncated: bool = False,
     ):
-        """`prompt`: the judge prompt the driver loaded (None: load `cfg.prompt` here)."""
+        """`prompt`: the judge prompt the driver loaded (None: load `cfg.prompt` here).
+        `skip_truncated` (rollout.truncated=mask): a response cut at the length limit is
+        not judged (it gets no critiques: it trains on nothing), saving the judge its tokens."""
         redirect_output(log_file)  # first: the engine's output goes there (actor_logs)
         self.cfg = cfg
+        self.skip_truncated = skip_truncated
         self.n = num_critiques
         if cfg.backend == "symbolic":
             self.backend: JudgeBackend = StepCheckerBackend(cfg.flip_prob, seed)
@@ -336,8 +340,10 @@ class JudgeWorker:
     def judge(self, rollouts: list[Rollout]) -> tuple[list[JudgedRollout], dict[str, float]]:
         """N critiques for each rollout, plus this call's judge timing and counts."""
         start = time.perf_counter()
+        skip = [self.skip_truncated and r.completion.finish_reason == "length" for r in rollouts]
+        sent = [r for r, s in zip(rollouts, skip, strict=True) if not s]
         requests = []
-        for r in rollouts:
+        for r in sent:
             text = r.completion.text
             requests.append(
                 JudgeRequest(
@@ -351,10 +357,14 @@ class JudgeWorker:
         unchecked_before = getattr(self.backend, "unchecked_steps", 0)
         replies = critique_all(self.backend, requests, self.n, self.down)
         texts = [reply.critiques for reply in replies]
-        judged = [
-            JudgedRollout(rollout=r, critiques=list(reply.critiques), judge_prompt=reply.prompt)
-            for r, reply in zip(rollouts, replies, strict=True)
-        ]
+        answers = iter(replies)
+        judged = []
+        for r, skipped in zip(rollouts, skip, strict=True):
+            if skipped:  # no critiques: make_experience leaves it out (rollout.truncated=mask)
+                judged.append(JudgedRollout(rollout=r))
+                continue
+            reply = next(answers)
+            judged.append(JudgedRollout(r, list(reply.critiques), reply.prompt))
         tokens = self._tokens()
         role = ray.get_runtime_context().get_actor_name() or "judge"
         failed = sum(all(c is None for c in cs) for cs in texts)
@@ -370,4 +380,10 @@ class JudgeWorker:
             "judge_completion_tokens": float(tokens.completion - tokens_before.completion),
             "judge_cached_tokens": float(tokens.cached - tokens_before.cached),
             "judge_cached_prompt_tokens": float(tokens.cached_prompt - tokens_before.cached_prompt),
+            # rollout.truncated=mask: responses not sent, and their tokens (the judge's input
+            # it was spared, besides the question and its own output).
+            "judge_skipped_responses": float(sum(skip)),
+            "judge_skipped_tokens": float(
+                sum(len(r.completion.token_ids) for r, s in zip(rollouts, skip, strict=True) if s)
+            ),
         }

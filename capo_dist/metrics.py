@@ -15,7 +15,15 @@ from tqdm import tqdm
 from capo_dist.config import RunConfig
 
 # Figures shown on the driver's progress bar.
-_BAR_KEYS = ("reward_mean", "accuracy", "process_penalty_rate", "tokens_per_s", "time_step")
+_BAR_KEYS = (
+    "reward_mean",
+    "accuracy",
+    "process_penalty_rate",
+    "zero_variance_group_share",
+    "truncated_share",
+    "tokens_per_s",
+    "time_step",
+)
 
 
 def _jsonable(value: float) -> float | None:

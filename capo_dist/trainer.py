@@ -31,11 +31,16 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from capo_dist import telemetry
 from capo_dist.actor_logs import role_log_file
 from capo_dist.aggregator import RewardAggregator
-from capo_dist.checkpoint import CheckpointManager, read_driver_state
+from capo_dist.checkpoint import (
+    CheckpointManager,
+    hf_snapshots,
+    read_driver_state,
+    save_hf_snapshot,
+)
 from capo_dist.config import RunConfig, validate
 from capo_dist.data import DataError, DataStats, ProblemStream, load_jsonl, synthetic_arith
 from capo_dist.evaluate import load_bench
-from capo_dist.experience import Experience
+from capo_dist.experience import BatchRecipe, Experience
 from capo_dist.judge_dispatch import JudgeDispatch
 from capo_dist.judge_health import JudgeUnusableError, invalid_streak_check, judge_label
 from capo_dist.judge_prompt import load_judge_prompt
@@ -211,6 +216,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             cfg.trainer.checkpoint_dir, cfg.trainer.keep_checkpoints
         )
+        self.hf_snapshots = hf_snapshots(cfg.trainer.checkpoint_dir)
+        self.hf_snapshots.recover()  # what a save killed half-way left
         init_ray(cfg)
         self.plan = prepare_cluster(cfg)
         self.transport = cfg.trainer.sync.transport
@@ -276,15 +283,25 @@ class Trainer:
                     engine_kwargs,
                     log_file=self._log_file(f"judge-{i}"),
                     prompt=judge_prompt,
+                    skip_truncated=cfg.rollout.truncated == "mask",
                 )
             )
         self.judge_dispatch = JudgeDispatch(max(len(self.judges), 1))
         self._judge_refs: list[list[ray.ObjectRef]] = [[] for _ in self.judges]
+        r = cfg.rollout
+        recipe = BatchRecipe(
+            truncated=r.truncated,
+            max_new_tokens=r.max_new_tokens,
+            overlong_buffer=r.overlong_buffer,
+            overlong_penalty=r.overlong_penalty,
+            max_groups=r.prompts_per_step if cfg.trainer.filter_groups == "outcome" else None,
+        )
         self.aggregator = RewardAggregator.options(name="aggregator", num_cpus=1).remote(
             cfg.capo,
             self.model_path,
             log_file=self._log_file("aggregator"),
             critique_parser=judge_prompt.parser,
+            recipe=recipe,
         )
         t = cfg.trainer
         self.learners = LearnerGroup(
@@ -332,15 +349,55 @@ class Trainer:
         )
         self._judge_refs[j].append(chunk.judged)
 
+    def _submit(self, problems: list[Problem], first: int) -> list[Chunk]:
+        """`problems` in chunks across the workers, numbered from `first`; returns at once."""
+        n_chunks = self.cfg.rollout.num_workers * self.cfg.rollout.chunks_per_worker
+        slices = [problems[i::n_chunks] for i in range(n_chunks) if problems[i::n_chunks]]
+        return [self._submit_chunk(s, first + i) for i, s in enumerate(slices)]
+
     def _collect(self) -> PendingStep:
         """Submit one step's rollout → judge → aggregate chain; returns at once."""
-        cfg = self.cfg
-        problems = self.stream.take(cfg.rollout.prompts_per_step)
-        n_chunks = cfg.rollout.num_workers * cfg.rollout.chunks_per_worker
-        slices = [problems[i::n_chunks] for i in range(n_chunks) if problems[i::n_chunks]]
-        chunks = [self._submit_chunk(s, i) for i, s in enumerate(slices)]
+        chunks = self._submit(self.stream.take(self.cfg.rollout.prompts_per_step), 0)
         experience = self.aggregator.score_parts.remote(*(c.part for c in chunks))
         return PendingStep(chunks, experience)
+
+    def _fill_batch(self, pending: PendingStep) -> tuple[Experience, list[dict], list[dict], int]:
+        """`_finish`, then (trainer.filter_groups=outcome) refill the batch with more prompts.
+
+        The aggregator packs only the first rollout.prompts_per_step groups whose outcomes
+        differ. While it has fewer, this takes rollout.prompts_per_step more prompts from
+        the stream (those already in the step are skipped), adds their chunks to the step
+        and scores it all again — at most trainer.filter_max_rounds times. At the bound the
+        step trains on what was kept; with nothing kept its update is skipped (WARNING).
+        The stream's position then includes every prompt taken, so a resume goes on from
+        there. Logs `filter_rounds` (extra rounds) beside `groups` / `groups_trained`.
+        """
+        exp, rollout_stats, judge_stats, recovered = self._finish(pending)
+        t, want = self.cfg.trainer, self.cfg.rollout.prompts_per_step
+        rounds = 0
+        while t.filter_groups == "outcome" and exp.metrics["groups_trained"] < want:
+            if rounds == t.filter_max_rounds:
+                break
+            rounds += 1
+            held = {p.uid for c in pending.chunks for p in c.problems}
+            more = [p for p in self.stream.take(want) if p.uid not in held]
+            pending.chunks += self._submit(more, len(pending.chunks))
+            pending.experience = self.aggregator.score_parts.remote(
+                *(c.part for c in pending.chunks)
+            )
+            exp, rollout_stats, judge_stats, lost = self._finish(pending)
+            recovered += lost
+        exp.metrics["filter_rounds"] = float(rounds)
+        if len(exp.batch) == 0:
+            print(
+                f"[capo_dist] WARNING: step {self.step + 1}: every group's responses had the same "
+                f"outcome after {rounds} extra rounds (trainer.filter_groups=outcome): the update "
+                "is skipped. Raise trainer.filter_max_rounds or rollout.prompts_per_step, or use "
+                "trainer.filter_groups=off",
+                file=sys.stderr,
+                flush=True,
+            )
+        return exp, rollout_stats, judge_stats, recovered
 
     def _finish(self, pending: PendingStep) -> tuple[Experience, list[dict], list[dict], int]:
         """Wait for a step's experience; re-run the chunks of any worker that died."""
@@ -537,6 +594,13 @@ class Trainer:
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
         return self.checkpoints.commit(tmp, self.step, state)
 
+    def _save_hf(self) -> Path:
+        """trainer.save_hf_every: the policy as a Hugging Face checkpoint (vLLM and
+        transformers load it) in <checkpoint_dir>/hf/step_XXXXXXXX, written atomically."""
+        return save_hf_snapshot(
+            self.hf_snapshots, self.step, lambda d: self._learners("export_hf", str(d))
+        )
+
     def _resume(self) -> None:
         ckpt = self.checkpoints.resume_from(self.cfg.trainer.resume)
         if ckpt is None:
@@ -565,14 +629,15 @@ class Trainer:
         pending = self._collect() if self.step < t.total_steps else None
         while self.step < t.total_steps:
             t0 = time.perf_counter()
-            exp, rollout_stats, judge_stats, recovered = self._finish(pending)
+            exp, rollout_stats, judge_stats, recovered = self._fill_batch(pending)
             last = self.step + 1 == t.total_steps
             save = last or (t.checkpoint_every and (self.step + 1) % t.checkpoint_every == 0)
             # Overlap: the next batch is generated with weights one update behind. Not
             # before a checkpoint, so a checkpoint never has a batch in flight.
             pending = self._collect() if t.max_staleness >= 1 and not (last or save) else None
             t_train = time.perf_counter()
-            train = self._learners("train_step", exp.batch, self.version)
+            # Nothing kept by trainer.filter_groups: no update (the sync still counts the step).
+            train = self._learners("train_step", exp.batch, self.version) if len(exp.batch) else {}
             t_sync = time.perf_counter()
             load_times = self._sync()
             t_end = time.perf_counter()
@@ -594,6 +659,8 @@ class Trainer:
                 "judge_request_failures": sum(s["judge_request_failures"] for s in judge_stats),
                 "judge_unchecked_steps": sum(s["judge_unchecked_steps"] for s in judge_stats),
                 **judge_token_metrics(judge_stats, sum(s["rollout_tokens"] for s in rollout_stats)),
+                "judge_skipped_responses": sum(s["judge_skipped_responses"] for s in judge_stats),
+                "judge_skipped_tokens": sum(s["judge_skipped_tokens"] for s in judge_stats),
                 "time_train": t_sync - t_train,
                 "time_sync": t_end - t_sync,
                 "time_sync_load": max(load_times),
@@ -609,7 +676,7 @@ class Trainer:
                     judge_label(cfg.judge, self.model_path),
                 )
                 record["judge_invalid_steps"] = self.invalid_steps
-            if t.sync.verify:
+            if t.sync.verify and len(exp.batch):
                 diff, moved = self._verify_sync(exp.batch)
                 record.update(sync_max_logprob_diff=diff, sync_policy_moved=moved)
                 if self._recovery_diff is not None:
@@ -628,6 +695,8 @@ class Trainer:
                 self.logger.write_samples(self.step, exp.samples[: cfg.logging.samples_per_step])
             if save:
                 self._save()
+            if t.save_hf_every and self.step % t.save_hf_every == 0:
+                self._save_hf()
             if judge_problem is not None:  # after the step's metrics, samples and checkpoint
                 if cfg.judge.on_invalid == "error":
                     raise JudgeUnusableError(judge_problem)

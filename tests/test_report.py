@@ -307,7 +307,7 @@ def test_the_judge_prompts_parser_reads_the_critiques(tok, tmp_path: Path):
     json_rows = [(r, ok, [as_json(c) for c in crits]) for r, ok, crits in GROUP]
     judged_json, _ = _judged(tok, json_rows, 0)
     capo = make_experience(judged, tok, correct, cfg, tok.pad_token_id)
-    read = make_experience(judged_json, tok, correct, cfg, tok.pad_token_id, "json")
+    read = make_experience(judged_json, tok, correct, cfg, tok.pad_token_id, critique_parser="json")
     unread = make_experience(judged_json, tok, correct, cfg, tok.pad_token_id)
     assert [s["step_weights"] for s in read.samples] == [s["step_weights"] for s in capo.samples]
     assert any(any(s["step_weights"]) for s in read.samples)

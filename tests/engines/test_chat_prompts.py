@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 from capo_dist.aggregator import RewardAggregator
 from capo_dist.config import CapoConfig, JudgeConfig, RolloutConfig
 from capo_dist.evaluate import evaluate_engine
+from capo_dist.experience import BatchRecipe
 from capo_dist.judge_dispatch import JudgeDispatch
 from capo_dist.judge_prompt import load_judge_prompt
 from capo_dist.judge_worker import EngineBackend, JudgeRequest, JudgeWorker
@@ -164,7 +165,9 @@ def _rollout_worker(model: str, chat: bool):
 
 @pytest.mark.slow
 def test_roles_with_chat_template_and_no_pad_token(ray_cluster, chat_model: str, tok):
-    """Rollout (chat prompts) → judge (chat prompts, recorded) → aggregator (no pad token)."""
+    """Rollout (chat prompts) → judge (chat prompts, recorded) → aggregator (no pad token);
+    then the same rollouts under rollout.truncated=mask: a symbolic judge that skips the ones
+    the engine cut at max_new_tokens, and an aggregator that trains on none of their tokens."""
     worker = _rollout_worker(chat_model, chat=True)
     judge = JudgeWorker.options(num_cpus=1).remote(
         JudgeConfig(backend="hf", max_model_len=1024, max_tokens=6), 2, chat_model, 0
@@ -185,7 +188,26 @@ def test_roles_with_chat_template_and_no_pad_token(ray_cluster, chat_model: str,
     # Padding with the EOS id, as the tokenizer has no pad token.
     pads = exp.batch.input_ids[exp.batch.attention_mask == 0]
     assert pads.numel() > 0 and torch.all(pads == tok.eos_token_id)
-    for actor in (worker, judge, aggregator):
+
+    cut = [r.completion.finish_reason == "length" for r in rollouts]
+    assert any(cut)  # 6 new tokens: the engine stops most responses on length
+    masking = JudgeWorker.options(num_cpus=1).remote(
+        JudgeConfig(), 2, chat_model, 0, None, None, True
+    )
+    masked = RewardAggregator.options(num_cpus=1).remote(
+        CapoConfig(), chat_model, recipe=BatchRecipe(truncated="mask")
+    )
+    judged, stats = ray.get(masking.judge.remote(rollouts))
+    assert [not j.critiques for j in judged] == cut  # the cut ones never reached the judge
+    assert stats["judge_skipped_responses"] == sum(cut)
+    assert stats["judge_skipped_tokens"] == sum(
+        len(r.completion.token_ids) for r, c in zip(rollouts, cut, strict=True) if c
+    )
+    exp = ray.get(masked.score.remote(judged))
+    trained = exp.batch.loss_mask.sum(1) > 0
+    assert trained.tolist() == [not c for c in cut]
+    assert exp.metrics["truncated_share"] == sum(cut) / len(cut)
+    for actor in (worker, judge, aggregator, masking, masked):
         ray.kill(actor)
 
 

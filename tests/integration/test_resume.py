@@ -48,6 +48,9 @@ def overrides(policy: Path) -> list[str]:
         "trainer.lr=1e-3",
         "trainer.warmup_steps=4",  # the lr differs at every step: a reset scheduler shows
         "rollout.backend=vllm",
+        # Refill rounds take extra prompts: the data position a checkpoint holds includes them.
+        "trainer.filter_groups=outcome",
+        "trainer.filter_max_rounds=1",
     ]
 
 
@@ -109,6 +112,9 @@ def test_killed_runs_resume_exactly(tmp_path, model_build_dir, warm_policy):
             assert r["train_grad_norm"] > 0
         assert expected[1]["train_lr"] < expected[2]["train_lr"] < expected[3]["train_lr"]
         assert 0 < expected[1]["process_penalty_rate"] < 1
+        # Some step needed a refill round, and every step trained only groups of mixed outcome.
+        assert any(r["filter_rounds"] > 0 for r in expected.values())
+        assert all(r["groups_trained"] == r["prompts"] >= 1 for r in expected.values())
 
         resumed = compose_run(
             broken, model_build_dir, *overrides(warm_policy), "trainer.resume=auto"

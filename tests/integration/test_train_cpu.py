@@ -66,10 +66,38 @@ def check_learns(record: dict) -> None:
     assert record["train_grad_norm"] > 0 and record["advantage_abs_mean"] > 0
 
 
+def check_recipe(record: dict, prompts_per_step: int, samples: int) -> None:
+    """trainer.filter_groups=outcome with one refill round, rollout.truncated=mask: the
+    batch holds only groups whose outcomes differ, up to prompts_per_step of them; the
+    responses masked are exactly those the judge skipped."""
+    generated = record["groups"]
+    assert generated >= prompts_per_step and record["filter_rounds"] in (0, 1)
+    mixed = round(generated * (1 - record["zero_variance_group_share"]))
+    assert record["groups_trained"] == min(mixed, prompts_per_step) >= 1
+    assert record["prompts"] == record["groups_trained"]
+    assert record["responses"] == samples * record["groups_trained"]
+    if record["filter_rounds"] == 0:
+        assert record["groups_trained"] == prompts_per_step
+    truncated = round(record["truncated_share"] * generated * samples)
+    assert record["judge_skipped_responses"] == truncated
+    assert (record["judge_skipped_tokens"] > 0) == (truncated > 0)
+
+
+def safetensors_of(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
 def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir, warm_policy):
     """Two vLLM engines synced through the collective path (gloo), one step of overlap;
     launched as the README's `make run ARGS="..."`, whose terminal shows the progress bar
-    while the engines' own logs go to the run directory."""
+    while the engines' own logs go to the run directory. With the recipe options that must
+    work with overlap: groups filtered on the outcome (one refill round), truncated
+    responses masked (and not judged), a Hugging Face snapshot every step."""
     proc = launch(
         README_MAKE_RUN,
         tmp_path,
@@ -81,6 +109,10 @@ def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir, 
         "rollout.num_workers=2",
         "rollout.kv_cache_space_gib=0.1",
         "trainer.sync.transport=gloo",
+        "trainer.filter_groups=outcome",
+        "trainer.filter_max_rounds=1",
+        "rollout.truncated=mask",
+        "trainer.save_hf_every=1",
     )
     terminal = proc.stdout + proc.stderr
     assert "2/2" in terminal and "[capo_dist] done: 2 steps" in terminal  # bar, our messages
@@ -97,9 +129,17 @@ def test_symbolic_judge_vllm_rollout_two_steps_async(tmp_path, model_build_dir, 
         check_step(r)
         check_learns(r)
         assert r["judge_invalid_rate"] == 0.0  # the symbolic judge always answers in format
+        check_recipe(r, prompts_per_step=4, samples=2)
     # Step 2 trains on a batch sampled during step 1, one version behind: it is corrected
     # (tests/learner pins the corrected ratio).
-    assert records[0]["train_stale_frac"] == 0.0 and records[1]["train_stale_frac"] == 1.0
+    # A refill round of step 2 samples with the current weights: its rows are fresh.
+    assert records[0]["train_stale_frac"] == 0.0
+    assert records[1]["train_stale_frac"] == 1.0 or records[1]["filter_rounds"] > 0
+    # A Hugging Face snapshot of every step; the last one is the exported final policy.
+    snapshots = tmp_path / "checkpoints" / "hf"
+    assert sorted(p.name for p in snapshots.iterdir()) == ["step_00000001", "step_00000002"]
+    last, final = safetensors_of(snapshots / "step_00000002"), safetensors_of(tmp_path / "policy")
+    assert last.keys() == final.keys() and all(torch.equal(last[k], final[k]) for k in final)
     # The exported final policy loads in vLLM and in transformers, with the same log-probs.
     policy = str(tmp_path / "policy")
     hf = AutoModelForCausalLM.from_pretrained(policy)

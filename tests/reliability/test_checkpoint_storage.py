@@ -266,3 +266,56 @@ def test_resume_auto_with_no_checkpoint_warns_naming_the_directory(tmp_path, cap
     save(manager.dir, 2, "two")
     assert manager.resume_from("auto") == manager.dir / "step_00000002"
     assert capsys.readouterr().err == ""
+
+
+HF_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from capo_dist.checkpoint import hf_snapshots, save_hf_snapshot
+
+    def write(d):  # the learner's export_hf, cut short
+        (d / "config.json").write_text("{}")
+        (d / "model-00001-of-00002.safetensors").write_bytes(b"x" * 4096)
+        print("written", flush=True)
+        time.sleep(600)  # SIGKILLed here: files written, not yet renamed into place
+
+    save_hf_snapshot(hf_snapshots(sys.argv[1]), 3, write)
+    """
+)
+
+
+def test_hf_snapshot_killed_mid_save_is_never_a_checkpoint_and_a_whole_one_loads(tmp_path):
+    """trainer.save_hf_every: a writer SIGKILLed after writing model files but before the
+    rename leaves no `step_` directory (only a staging one, swept by recover); a complete
+    save is `hf/step_00000003` and loads in transformers."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from capo_dist.checkpoint import hf_snapshots, save_hf_snapshot
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HF_WRITER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    for line in proc.stdout:  # (a library may print a warning first)
+        if line.strip() == "written":
+            break
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    hf = tmp_path / "hf"
+    (staged,) = hf.iterdir()
+    assert ".tmp-" in staged.name and (staged / "config.json").is_file()  # really half-done
+    snapshots = hf_snapshots(tmp_path)
+    assert snapshots.complete() == [] and snapshots.latest() is None
+    assert snapshots.recover() == [staged] and list(hf.iterdir()) == []
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    save_hf_snapshot(snapshots, 3, model.save_pretrained)
+    assert [p.name for p in hf.iterdir()] == ["step_00000003"]
+    assert snapshots.latest() == hf / "step_00000003"
+    loaded = AutoModelForCausalLM.from_pretrained(hf / "step_00000003")
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
