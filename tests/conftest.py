@@ -84,7 +84,7 @@ def build_rehearsal_models() -> None:
         build_models(cfg)
 
 
-def background_builds(warm: bool, rehearsal: bool) -> None:
+def background_builds(warm: bool, smollm2: bool, rehearsal: bool) -> None:
     """The builds the selected tests wait for, one after the other on one thread, in the
     order the tests need them: `warm_policy` (`tests.runs.WARM_START`), then SmolLM2
     (`smollm2_path`), then the rehearsal's other models (`build_rehearsal_models`).
@@ -102,9 +102,10 @@ def background_builds(warm: bool, rehearsal: bool) -> None:
     if warm:
         warm_start(default_cache_dir() / "models", WARM_START)
     print(BUILT["warm"], file=markers, flush=True)
-    if rehearsal:
+    if smollm2:
         smollm2_checkpoint(default_cache_dir())
-        print(BUILT["smollm2"], file=markers, flush=True)
+    print(BUILT["smollm2"], file=markers, flush=True)
+    if rehearsal:
         build_rehearsal_models()
 
 
@@ -136,8 +137,8 @@ def _slow_modules_last(items: list[pytest.Item]) -> None:
 @pytest.hookimpl(trylast=True)  # after -k / -m / --deselect: what will run
 def pytest_collection_modifyitems(session, config, items) -> None:
     """Unit-test modules first (`_slow_modules_last`). When a selected test needs
-    `warm_policy` and it is not cached (a fresh machine), or the rehearsal is selected,
-    start `background_builds` now: it trains on one thread, so on a 2-core machine it
+    `warm_policy` and it is not cached (a fresh machine), or `smollm2_path` (the rehearsal
+    among them), start `background_builds` now: it trains on one thread, so on a 2-core machine it
     costs the unit tests that run first little (when the models are cached it only finds
     them, in seconds)."""
     _slow_modules_last(items)
@@ -145,10 +146,11 @@ def pytest_collection_modifyitems(session, config, items) -> None:
         return
     needs = {name for item in items for name in getattr(item, "fixturenames", ())}
     warm = "warm_policy" in needs and not (_warm_policy_dir() / "warmstart.json").exists()
-    rehearsal = "rehearsal_build_dir" in needs
-    if warm or rehearsal:
+    smollm2, rehearsal = "smollm2_path" in needs, "rehearsal_build_dir" in needs
+    if warm or smollm2:
         code = (
-            f"from tests.conftest import background_builds; background_builds({warm}, {rehearsal})"
+            "from tests.conftest import background_builds; "
+            f"background_builds({warm}, {smollm2}, {rehearsal})"
         )
         _BUILDS.append(
             subprocess.Popen(
