@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REHEARSED_EXPERIMENT, REPO
 from tests.runs import read_metrics
 
 # The module's rehearsal run (~200 s measured, its subprocess allowed 1200 s) counts against
@@ -52,7 +52,7 @@ def rehearsal_run(tmp_path_factory, shared_data, rehearsal_build_dir) -> Path:
     # `make rehearse` for one experiment: exactly
     # `python -m capo_dist.launch +experiment=llama3b_intersection +rehearsal=cpu $(ARGS)`
     args = f"model.build_dir={rehearsal_build_dir} rehearsal.hf_home={out / 'hf'} hydra.run.dir={out / 'run'}"
-    cmd = ["make", "rehearse", "EXPERIMENTS=llama3b_intersection", f"ARGS={args}"]
+    cmd = ["make", "rehearse", f"EXPERIMENTS={REHEARSED_EXPERIMENT}", f"ARGS={args}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     (out / "log.txt").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -99,7 +99,7 @@ def test_the_judge_saw_chat_formatted_prompts(rehearsal_run):
 def test_the_cluster_paths_ran(rehearsal_run):
     log = (rehearsal_run / "log.txt").read_text()
     assert "RAY_ADDRESS=" in log and "simulated nodes" in log
-    assert "[rehearse] llama3b_intersection:" in log  # make rehearse reports the time
+    assert f"[rehearse] {REHEARSED_EXPERIMENT}:" in log  # make rehearse reports the time
     assert "placement plan" in log.lower()
     ckpts = list((rehearsal_run / "run" / "checkpoints").glob("step_*"))
     assert ckpts, "checkpoint_every=1 wrote no checkpoint"

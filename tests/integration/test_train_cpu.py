@@ -261,17 +261,7 @@ def test_openai_judge_against_vllm_server(tmp_path, model_build_dir):
     )
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None, "vLLM OpenAI server exited"
-            time.sleep(2)
-        probe = {"model": "tiny-judge", "prompt": "1+1=", "max_tokens": 1}
-        assert requests.post(f"{url}/completions", json=probe, timeout=60).status_code == 401
+        # The key is in the environment before Ray starts (its workers inherit it).
         os.environ["CAPO_JUDGE_API_KEY"] = key
         cfg = compose_run(
             tmp_path,
@@ -283,9 +273,23 @@ def test_openai_judge_against_vllm_server(tmp_path, model_build_dir):
             "rollout.backend=hf",
             "logging.wandb_mode=offline",
         )
+        # The run's roles start while the server loads: nothing calls the judge before the
+        # first step.
         trainer = Trainer(cfg)
         session = Path(ray._private.worker._global_node.get_session_dir_path())
         try:
+            deadline = time.time() + 240
+            while time.time() < deadline:
+                try:
+                    health = requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                    if health.status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    pass
+                assert server.poll() is None, "vLLM OpenAI server exited"
+                time.sleep(1)
+            probe = {"model": "tiny-judge", "prompt": "1+1=", "max_tokens": 1}
+            assert requests.post(f"{url}/completions", json=probe, timeout=60).status_code == 401
             trainer.run()
         finally:
             trainer.close()

@@ -56,6 +56,13 @@ def wait_all(refs: list, timeout_s: float) -> list:
     return ray.get(refs)
 
 
+def stop(learners: LearnerGroup, engines: list) -> None:
+    """End the test's actors: the Ray cluster (`shared_ray`) goes on to the next test."""
+    learners.shutdown()
+    for engine in engines:
+        ray.kill(engine, no_restart=True)
+
+
 def vllm_run_and_model(tmp_path, model_build_dir):
     """The run config of the collective tests (small vLLM engines) and its tiny policy."""
     cfg = compose_run(
@@ -96,20 +103,19 @@ def join_train_sync_check(learners: LearnerGroup, engines: list, plan) -> None:
     )
 
 
-def test_sync_makes_engine_match_learner(tmp_path, model_build_dir):
+def test_sync_makes_engine_match_learner(tmp_path, model_build_dir, shared_ray):
     # vLLM here; HF's load_weights is pinned against plain transformers in tests/engines.
     cfg = compose_run(
         tmp_path, model_build_dir, "rollout.backend=vllm", "rollout.num_cpus_per_worker=2"
     )
     model = prepare_policy(cfg, load_problems(cfg)[2])
-    ray.init(num_cpus=6, include_dashboard=False)
+    learners = LearnerGroup(
+        LearnerConfig(model_path=model, lr=3e-3, micro_batch_size=4), num_learners=2
+    )
+    engine = RolloutWorker.options(name="rollout-0").remote(
+        cfg.rollout, model, "float32", cfg.data.prompt_template, 0
+    )
     try:
-        learners = LearnerGroup(
-            LearnerConfig(model_path=model, lr=3e-3, micro_batch_size=4), num_learners=2
-        )
-        engine = RolloutWorker.options(name="rollout-0").remote(
-            cfg.rollout, model, "float32", cfg.data.prompt_template, 0
-        )
         # Ray alone would pin this actor's torch to 1 thread (OMP_NUM_THREADS=1).
         threads = ray.get(engine.__ray_call__.remote(lambda _: torch.get_num_threads()))
         assert threads == 2
@@ -131,12 +137,11 @@ def test_sync_makes_engine_match_learner(tmp_path, model_build_dir):
         after = engine_logprobs(engine)
         torch.testing.assert_close(after, learner_after, atol=2e-4, rtol=0)
         assert (after - before).abs().max() > 1e-3
-        learners.shutdown()
     finally:
-        ray.shutdown()
+        stop(learners, [engine])
 
 
-def test_gloo_collective_sync_reaches_two_engines(tmp_path, model_build_dir):
+def test_gloo_collective_sync_reaches_two_engines(tmp_path, model_build_dir, shared_ray):
     """The `trainer.sync.transport=gloo` path with 2 learner ranks and 2 vLLM engines (TP=1).
 
     First a plan whose engines all claim rank_offset 1 (bug 2): the group
@@ -144,25 +149,24 @@ def test_gloo_collective_sync_reaches_two_engines(tmp_path, model_build_dir):
     Then the real plan: the same engines join, and one PPO update reaches both.
     """
     cfg, model = vllm_run_and_model(tmp_path, model_build_dir)
-    ray.init(num_cpus=6, include_dashboard=False)
-    try:
-        learners = LearnerGroup(
-            LearnerConfig(model_path=model, lr=3e-3, micro_batch_size=4), num_learners=2
+    learners = LearnerGroup(
+        LearnerConfig(model_path=model, lr=3e-3, micro_batch_size=4), num_learners=2
+    )
+    engines = [
+        RolloutWorker.options(
+            name=f"rollout-{i}",
+            runtime_env={"env_vars": {"CAPO_WEIGHT_SYNC_TIMEOUT_S": "20"}},
+        ).remote(
+            cfg.rollout,
+            model,
+            "float32",
+            cfg.data.prompt_template,
+            i,
+            {"weight_transfer_backend": "capo_gloo"},
         )
-        engines = [
-            RolloutWorker.options(
-                name=f"rollout-{i}",
-                runtime_env={"env_vars": {"CAPO_WEIGHT_SYNC_TIMEOUT_S": "20"}},
-            ).remote(
-                cfg.rollout,
-                model,
-                "float32",
-                cfg.data.prompt_template,
-                i,
-                {"weight_transfer_backend": "capo_gloo"},
-            )
-            for i in range(2)
-        ]
+        for i in range(2)
+    ]
+    try:
         ray.get([e.state.remote() for e in engines])  # both engines up before any rendezvous
         # Bug 2: every engine at rank_offset 1 (two workers claim rank 1, rank 2 never comes).
         broken = learners.collective_sync_plan(BUCKET_BYTES, [1, 1])
@@ -185,12 +189,13 @@ def test_gloo_collective_sync_reaches_two_engines(tmp_path, model_build_dir):
         plan = learners.collective_sync_plan(BUCKET_BYTES, [1, 1])
         assert [i["rank_offset"] for i in plan.init_infos] == [1, 2] and plan.world_size == 3
         join_train_sync_check(learners, engines, plan)
-        learners.shutdown()
     finally:
-        ray.shutdown()
+        stop(learners, engines)
 
 
-def test_gloo_collective_sync_reaches_a_tensor_parallel_engine(tmp_path, model_build_dir):
+def test_gloo_collective_sync_reaches_a_tensor_parallel_engine(
+    tmp_path, model_build_dir, shared_ray
+):
     """A TP=2 vLLM CPU engine (two worker processes, ranks 1-2) beside a TP=1 one (rank 3).
 
     vLLM's CPU build runs TP with the mp executor; its automatic thread
@@ -198,33 +203,31 @@ def test_gloo_collective_sync_reaches_a_tensor_parallel_engine(tmp_path, model_b
     (`VLLM_CPU_OMP_THREADS_BIND`, one list per TP rank).
     """
     cfg, model = vllm_run_and_model(tmp_path, model_build_dir)
-    ray.init(num_cpus=6, include_dashboard=False)
-    try:
-        learners = LearnerGroup(
-            LearnerConfig(model_path=model, lr=3e-3, micro_batch_size=4), num_learners=2
-        )
-        engines = []
-        for i, tp in enumerate((2, 1)):
-            kwargs = {"weight_transfer_backend": "capo_gloo"}
-            if tp > 1:
-                kwargs["distributed_executor_backend"] = "mp"
-            engines.append(
-                RolloutWorker.options(
-                    name=f"rollout-{i}",
-                    runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}},
-                ).remote(
-                    dataclasses.replace(cfg.rollout, tensor_parallel_size=tp),
-                    model,
-                    "float32",
-                    cfg.data.prompt_template,
-                    i,
-                    kwargs,
-                )
+    learners = LearnerGroup(
+        LearnerConfig(model_path=model, lr=3e-3, micro_batch_size=4), num_learners=2
+    )
+    engines = []
+    for i, tp in enumerate((2, 1)):
+        kwargs = {"weight_transfer_backend": "capo_gloo"}
+        if tp > 1:
+            kwargs["distributed_executor_backend"] = "mp"
+        engines.append(
+            RolloutWorker.options(
+                name=f"rollout-{i}",
+                runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}},
+            ).remote(
+                dataclasses.replace(cfg.rollout, tensor_parallel_size=tp),
+                model,
+                "float32",
+                cfg.data.prompt_template,
+                i,
+                kwargs,
             )
+        )
+    try:
         ray.get([e.state.remote() for e in engines])
         plan = learners.collective_sync_plan(BUCKET_BYTES, [2, 1])
         assert [i["rank_offset"] for i in plan.init_infos] == [1, 3] and plan.world_size == 4
         join_train_sync_check(learners, engines, plan)
-        learners.shutdown()
     finally:
-        ray.shutdown()
+        stop(learners, engines)

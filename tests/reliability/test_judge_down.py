@@ -11,7 +11,7 @@ from tests.test_judge_http import ScriptedEndpoint, chat
 pytestmark = pytest.mark.slow
 
 
-def test_dead_endpoint_fails_the_run(tmp_path, model_build_dir):
+def test_dead_endpoint_fails_the_run(tmp_path, model_build_dir, shared_ray):
     """Down by time: each response fails after ~0.5 s (two refused attempts and the backoff
     between), judge.max_concurrency (8) of them at once, so judge.down_after_s=1 (wall
     seconds of failing) declares the judge down after a few rounds of them, long before
@@ -35,11 +35,11 @@ def test_dead_endpoint_fails_the_run(tmp_path, model_build_dir):
         ):
             trainer.run()
     finally:
-        trainer.close()
+        trainer.close(shutdown_ray=False)  # the cluster is shared_ray's
     assert not (tmp_path / "metrics.jsonl").read_text().strip()  # no step was trained
 
 
-def test_flaky_endpoint_is_retried_and_counted(tmp_path, model_build_dir):
+def test_flaky_endpoint_is_retried_and_counted(tmp_path, model_build_dir, shared_ray):
     """HTTP 500s and a malformed body mid-step: retried with backoff, the step trains, the
     failed attempts are in metrics (a real loopback HTTP server stands in for the 70B judge)."""
     good = (200, chat("Step 0 looks fine.\nWrong step list: [0]", "Wrong step list: []"), 0)
@@ -57,7 +57,7 @@ def test_flaky_endpoint_is_retried_and_counted(tmp_path, model_build_dir):
     try:
         trainer.run()
     finally:
-        trainer.close()
+        trainer.close(shutdown_ray=False)  # the cluster is shared_ray's
         server.close()
     (record,) = read_metrics(tmp_path)
     assert record["judge_request_failures"] == 2.0

@@ -14,7 +14,7 @@ from tests.runs import FaultyTrainer, compose_run, learning, read_metrics, run
 pytestmark = pytest.mark.slow
 
 
-def test_rollout_and_judge_killed_mid_step(tmp_path, model_build_dir, warm_policy):
+def test_rollout_and_judge_killed_mid_step(tmp_path, model_build_dir, warm_policy, shared_ray):
     """On the collective path (gloo): a restarted engine is out of the weight-transfer group,
     so the driver loads it through the object store and the run syncs that way from then
     on; both sync paths run (the object store alone is the same recovery minus the switch)."""
@@ -36,7 +36,7 @@ def test_rollout_and_judge_killed_mid_step(tmp_path, model_build_dir, warm_polic
     trainer = FaultyTrainer(cfg)
     trainer.kill_workers_at_collect = 2
     trainer.kill_worker_index = 1  # rollout-1 and judge-1: chunks 1 and 3 of 4
-    run(trainer)
+    run(trainer, shutdown_ray=False)  # the cluster is shared_ray's
     assert trainer.transport == "object_store"
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2]
