@@ -296,7 +296,11 @@ def test_openai_judge_against_vllm_server(tmp_path, model_build_dir):
     finally:
         os.environ.pop("CAPO_JUDGE_API_KEY", None)
         server.terminate()
-        server.wait(30)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:  # a slow stop must not leave the server running
+            server.kill()
+            server.wait(30)
     (record,) = read_metrics(tmp_path)
     check_step(record)
     # Every judge request was answered (a 401 would count here): the key was sent.
