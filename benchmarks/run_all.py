@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "weight_sync": ([], ["--quick"]),
     "generation": ([], ["--quick"]),
     "vs_trl": ([], ["--quick"]),
+    "learner_memory": ([], ["--quick"]),
 }
 
 
@@ -54,6 +55,11 @@ def goals(name: str, fig: dict) -> list[tuple[str, bool | None]]:
         return out
     if name == "vs_trl":
         return [("capo_dist/TRL samples/s ≥ 1.0", fig["ratio"] >= 1.0)]
+    if name == "learner_memory":
+        return [
+            ("all options: peak memory ≤ 0.4× today's", fig["all_mem_ratio"] <= 0.4),
+            ("all options: tokens/s ≥ 1.0× today's", fig["all_speed_ratio"] >= 1.0),
+        ]
     return []
 
 
@@ -90,6 +96,13 @@ def headline(name: str, fig: dict) -> str:
         return (
             f"capo_dist {fig['capo_dist_samples_per_s']:.2f} vs TRL {fig['trl_samples_per_s']:.2f} "
             f"samples/s ({fig['ratio']:.2f}x)"
+        )
+    if name == "learner_memory":
+        return "; ".join(
+            f"{n} tok: all options {by['all']['peak_mib']:.0f} vs today {by['today']['peak_mib']:.0f} MiB "
+            f"({by['all']['mem_ratio']:.2f}x), {by['all']['speed_ratio']:.2f}x tokens/s"
+            for n, by in fig["results"].items()
+            if "all" in by and "today" in by
         )
     return ""
 

@@ -15,7 +15,11 @@ logits of one chunk live during that chunk's forward or recompute). 0: one
 full forward, logits kept for backward (the plain path). Both give the same
 values (tests/learner/test_logprob_model.py). The LM head is called as a
 module, so a ZeRO-3 partitioned or tied (`tie_word_embeddings`) head is
-gathered by DeepSpeed's module hooks on each call.
+gathered by DeepSpeed's module hooks on each call — a collective, so every
+rank must call the head equally often: `num_chunks` (agreed over the ranks
+by the caller) pads a rank with fewer positions with extra one-position head
+calls whose output joins the result with weight 0 (so their backward, another
+collective, runs too).
 
 Packed rows (token-budget micro-batches, `capo_dist.packing`): pass
 `attention_mask=None` and `position_ids` restarting at 0 for every
@@ -45,11 +49,14 @@ class LogprobModel(torch.nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        num_chunks: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(token t | tokens < t), entropy of p(· | tokens < t)) at each t, [b, L] each.
 
         Positions whose `position_ids` is 0 (a sequence's first token) hold 0
         in both. `attention_mask` None: the rows may be packed (see module doc).
+        `num_chunks`: head calls to make in all when chunked (at least the
+        chunks the positions need; see module doc).
         """
         kwargs = {
             "input_ids": input_ids,
@@ -67,7 +74,9 @@ class LogprobModel(torch.nn.Module):
             ent = torch.stack([r[1] for r in rows])
         else:
             hidden = self.policy.base_model(**kwargs).last_hidden_state[:, :-1]
-            lp, ent = self._chunked(hidden.reshape(b * (length - 1), -1), targets.reshape(-1))
+            lp, ent = self._chunked(
+                hidden.reshape(b * (length - 1), -1), targets.reshape(-1), num_chunks
+            )
             lp, ent = lp.view(b, length - 1), ent.view(b, length - 1)
         first = position_ids[:, 1:] == 0  # a new sequence starts: nothing predicts it
         zero = lp.new_zeros((b, 1))
@@ -76,20 +85,27 @@ class LogprobModel(torch.nn.Module):
         return lp, ent
 
     def _chunked(
-        self, hidden: torch.Tensor, targets: torch.Tensor
+        self, hidden: torch.Tensor, targets: torch.Tensor, num_chunks: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Head + log-softmax over `logprob_chunk_size` positions at a time ([n, H] -> 2 × [n])."""
         head = self.policy.get_output_embeddings()
         size = self.logprob_chunk_size
+        starts = list(range(0, hidden.shape[0], size))
         lps, ents = [], []
-        for start in range(0, hidden.shape[0], size):
-            h, t = hidden[start : start + size], targets[start : start + size]
+        for k in range(max(num_chunks, len(starts))):
+            # Past the data: a one-position call, weighted 0 below (see module doc).
+            at = slice(starts[k], starts[k] + size) if k < len(starts) else slice(0, 1)
             if torch.is_grad_enabled():
-                lp, ent = checkpoint(_head_logprobs, head, h, t, use_reentrant=False)
+                lp, ent = checkpoint(
+                    _head_logprobs, head, hidden[at], targets[at], use_reentrant=False
+                )
             else:
-                lp, ent = _head_logprobs(head, h, t)
-            lps.append(lp)
-            ents.append(ent)
+                lp, ent = _head_logprobs(head, hidden[at], targets[at])
+            if k < len(starts):
+                lps.append(lp)
+                ents.append(ent)
+            else:
+                lps[0] = lps[0] + 0.0 * lp.sum()
         return torch.cat(lps), torch.cat(ents)
 
 

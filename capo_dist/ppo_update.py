@@ -23,6 +23,7 @@ and `Learner.compute_logprobs`:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -105,28 +106,64 @@ class PPOUpdate:
             for j, chunk in enumerate(mini):
                 yield (i, j), chunk
 
+    def _chunk_counts(
+        self, attention_mask: torch.Tensor, micro: list[list[torch.Tensor]]
+    ) -> dict[tuple[int, int], int]:
+        """LM-head calls per micro-batch, the largest over the ranks (0 when not chunked).
+
+        Each head call gathers the ZeRO-3 head weight, a collective: a rank
+        whose micro-batch holds fewer positions pads its calls to this count.
+        """
+        keys = [key for key, _ in self._indexed(micro)]
+        size = self.config.logprob_chunk_size
+        if size <= 0:
+            return dict.fromkeys(keys, 0)
+        need = []
+        for _, chunk in self._indexed(micro):
+            att = attention_mask[chunk]
+            if len(chunk) == 0:
+                positions = 1  # the dummy row: two tokens
+            elif self.config.max_tokens_per_micro_batch > 0:
+                positions = max(int(att.sum()), 2) - 1
+            else:
+                used = int(att.nonzero()[:, 1].max()) + 1 if att.any() else 1
+                positions = len(chunk) * (max(used, 2) - 1)
+            need.append(float(math.ceil(positions / size)))
+        counts = all_reduce(need, self.device, op="max") if need else []
+        return {key: int(n) for key, n in zip(keys, counts, strict=True)}
+
     # ---------------------------------------------------------------- forward
 
     def _forward(
-        self, engine: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        engine: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        num_chunks: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token (log-probs, entropy) [b, L] (float32) of one micro-batch.
 
         An empty micro-batch runs a dummy row of two pad tokens instead and
         returns its [1, 2] outputs (the caller gives them loss mask 0), so its
-        forward and backward keep step with the other ranks'.
+        forward and backward keep step with the other ranks'. `num_chunks`:
+        the LM-head calls all ranks make for this micro-batch (`_chunk_counts`).
         """
         b, width = input_ids.shape
         if b == 0:
             ids = torch.full((1, 2), self.pad_token_id, dtype=torch.long, device=self.device)
-            return engine(input_ids=ids, position_ids=torch.arange(2, device=self.device)[None])
+            pos = torch.arange(2, device=self.device)[None]
+            return engine(input_ids=ids, position_ids=pos, num_chunks=num_chunks)
         if self.config.max_tokens_per_micro_batch > 0:
             packed = pack(input_ids, attention_mask)
             ids, pos = packed.input_ids, packed.position_ids
             if ids.shape[1] < 2:  # keep two positions, so the output depends on the logits
                 ids = F.pad(ids, (0, 1), value=self.pad_token_id)
                 pos = F.pad(pos, (0, 1))
-            lp, ent = engine(input_ids=ids.to(self.device), position_ids=pos.to(self.device))
+            lp, ent = engine(
+                input_ids=ids.to(self.device),
+                position_ids=pos.to(self.device),
+                num_chunks=num_chunks,
+            )
             n = packed.input_ids.shape[1]
             return unpack(lp[:, :n], packed, (b, width)), unpack(ent[:, :n], packed, (b, width))
         # Padded rows: trim the padding columns no row uses; keep two positions at least.
@@ -137,7 +174,12 @@ class PPOUpdate:
             attention_mask = F.pad(attention_mask, (0, length - width))
         ids = input_ids[:, :length].to(self.device)
         mask = attention_mask[:, :length].to(self.device)
-        lp, ent = engine(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask))
+        lp, ent = engine(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=_position_ids(mask),
+            num_chunks=num_chunks,
+        )
         if length >= width:
             return lp[:, :width], ent[:, :width]
         return F.pad(lp, (0, width - length)), F.pad(ent, (0, width - length))
@@ -158,6 +200,7 @@ class PPOUpdate:
         reduced = all_reduce(counts, self.device)
         global_tokens, global_seqs = reduced[: len(minis)], reduced[len(minis) :]
         micro = self._equalised([self._micro_batches(batch.attention_mask, m) for m in minis])
+        chunks = self._chunk_counts(batch.attention_mask, micro)
         stale = torch.zeros(n_rows, dtype=torch.bool)
         if policy_version is not None and batch.policy_version is not None:
             stale = batch.policy_version < policy_version
@@ -171,9 +214,9 @@ class PPOUpdate:
                 for key, chunk in self._indexed(micro):
                     ids, att = batch.input_ids[chunk], batch.attention_mask[chunk]
                     if recompute_old:
-                        old[key] = self._forward(engine, ids, att)[0]
+                        old[key] = self._forward(engine, ids, att, chunks[key])[0]
                     if self.ref_engine is not None:
-                        ref[key] = self._forward(self.ref_engine, ids, att)[0]
+                        ref[key] = self._forward(self.ref_engine, ids, att, chunks[key])[0]
 
         engine.train()
         sums = dict.fromkeys(("loss", *_STAT_NAMES), 0.0)
@@ -187,7 +230,7 @@ class PPOUpdate:
                 loss_sum = 0.0
                 for j, chunk in enumerate(mini):
                     ids, att = batch.input_ids[chunk], batch.attention_mask[chunk]
-                    lp, ent = self._forward(engine, ids, att)
+                    lp, ent = self._forward(engine, ids, att, chunks[i, j])
                     if len(chunk) == 0:
                         zeros = torch.zeros_like(lp)
                         mask = adv = samp = zeros
@@ -259,12 +302,14 @@ class PPOUpdate:
         hold 0. Collective (see `Learner.compute_logprobs`).
         """
         rows = torch.arange(input_ids.shape[0])
-        micro = self._equalised([self._micro_batches(attention_mask, rows)])[0]
+        micro = self._equalised([self._micro_batches(attention_mask, rows)])
+        chunks = self._chunk_counts(attention_mask, micro)
         out = torch.zeros(input_ids.shape, dtype=torch.float32)
         self.engine.eval()
         with torch.no_grad():
-            for chunk in micro:
-                lp, _ = self._forward(self.engine, input_ids[chunk], attention_mask[chunk])
+            for key, chunk in self._indexed(micro):
+                ids, att = input_ids[chunk], attention_mask[chunk]
+                lp, _ = self._forward(self.engine, ids, att, chunks[key])
                 if len(chunk):
                     out[chunk] = (lp * attention_mask[chunk].to(lp.device)).float().cpu()
         return out

@@ -29,9 +29,9 @@ def _rows(policy: torch.nn.Module, lengths: list[int], seed: int = 0):
     return ids, att
 
 
-def _padded(model: LogprobModel, ids: torch.Tensor, att: torch.Tensor):
+def _padded(model: LogprobModel, ids: torch.Tensor, att: torch.Tensor, num_chunks: int = 0):
     pos = (att.cumsum(-1) - 1).clamp(min=0)
-    lp, ent = model(input_ids=ids, position_ids=pos, attention_mask=att)
+    lp, ent = model(input_ids=ids, position_ids=pos, attention_mask=att, num_chunks=num_chunks)
     return lp * att, ent * att
 
 
@@ -128,3 +128,34 @@ def test_token_budget_micro_batches() -> None:
     assert per_bin == [12, 9, 5 + 4, 3 + 2]  # the 12-token row alone; first fit, longest first
     padded = plan_micro_batches(rows, lengths, micro_batch_size=4, max_tokens=0)
     assert [m.tolist() for m in padded] == [[10, 11, 12, 13], [14, 15]]
+
+
+def test_padded_chunk_count_calls_the_head_that_often_and_changes_nothing(policy) -> None:
+    """Every rank must call the (ZeRO-3 gathered) head equally often: extra calls up to
+    `num_chunks` run in forward and backward but leave values and gradients alone."""
+    ids, att = _rows(policy, [9, 4], seed=7)  # 2 x 8 positions: 4 chunks of 4
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(8)) * att
+    model = LogprobModel(policy, 4)
+    calls = {"forward": 0, "backward": 0}
+    head = policy.get_output_embeddings()
+    hooks = [
+        head.register_forward_hook(lambda *_: calls.__setitem__("forward", calls["forward"] + 1)),
+        head.register_full_backward_hook(
+            lambda *_: calls.__setitem__("backward", calls["backward"] + 1)
+        ),
+    ]
+    try:
+        lp, ent = _padded(model, ids, att)
+        want = _grads(policy, (lp * weights).sum())
+        assert calls == {"forward": 4 * 2, "backward": 4}  # forward + recompute
+        calls.update(forward=0, backward=0)
+        lp7, ent7 = _padded(model, ids, att, num_chunks=7)
+        got = _grads(policy, (lp7 * weights).sum())
+        assert calls == {"forward": 7 * 2, "backward": 7}
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(lp7, lp)
+    torch.testing.assert_close(ent7, ent)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, msg=name)
