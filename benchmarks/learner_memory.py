@@ -9,7 +9,8 @@ tokens by default, random weights), on ONE batch of mixed-length responses
 * today          — padded micro-batches of `micro_batch_size` rows, full logits
 * checkpointing  — `gradient_checkpointing`
 * chunked        — `logprob_chunk_size` positions per LM-head chunk
-* packing        — `max_tokens_per_micro_batch` = micro_batch_size × the longest row
+* packing        — `max_tokens_per_micro_batch` = the longest row's length (a packed
+                   micro-batch never holds more tokens than one padded row)
 * all            — the three together
 
 Each configuration runs in a FRESH subprocess: build the engine, run one
@@ -17,7 +18,8 @@ small warm-up step (allocates the optimizer state), then reset the kernel's
 peak-RSS mark (`/proc/self/clear_refs` ← 5) and run the measured step; peak
 memory = VmHWM after the step − RSS before it (the step's own high-water
 mark: activations, logits, gradients; weights and optimizer state excluded).
-tokens/s = real (non-padding) tokens of the batch / wall seconds of the step.
+tokens/s = real (non-padding) tokens of the batch / wall seconds of the step,
+the median of `--repeats` steps on the same batch (the first included).
 
 Goals (issue 13): peak memory of "all" ≤ 0.4× today's, tokens/s ≥ 1.0× today's.
 
@@ -102,7 +104,7 @@ def run_one(args: argparse.Namespace) -> dict:
         micro_batch_size=args.micro_batch_size,
         gradient_checkpointing=opts.get("gradient_checkpointing", False),
         logprob_chunk_size=args.chunk if opts.get("chunked") else 0,
-        max_tokens_per_micro_batch=args.micro_batch_size * width if opts.get("packing") else 0,
+        max_tokens_per_micro_batch=width if opts.get("packing") else 0,
     )
     hf = LlamaConfig(
         vocab_size=args.vocab,
@@ -133,10 +135,16 @@ def run_one(args: argparse.Namespace) -> dict:
         how = "VmHWM after the step minus VmRSS before it (clear_refs reset)"
     except OSError:
         how = "ru_maxrss-style VmHWM (could not reset: includes the build's peak)"
-    t0 = time.perf_counter()
-    metrics = update.train_step(batch)
-    seconds = time.perf_counter() - t0
-    peak = _rss_kib("VmHWM") - before
+    walls = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        metrics = update.train_step(batch)
+        walls.append(time.perf_counter() - t0)
+        if len(walls) == 1:
+            peak = _rss_kib("VmHWM") - before
+            first = metrics
+    seconds = sorted(walls)[len(walls) // 2]
+    metrics = first
     tokens = int(batch.attention_mask.sum())
     return {
         "config": args.config,
@@ -149,6 +157,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "loss": metrics["loss"],
         "entropy": metrics["entropy"],
         "how": how,
+        "walls": walls,
     }
 
 
@@ -163,13 +172,14 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=512, help="logprob_chunk_size when chunked")
+    ap.add_argument("--repeats", type=int, default=3, help="steps timed (median)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--one", dest="config", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=29611, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
-        args.vocab, args.hidden, args.layers, args.chunk = 8192, 64, 2, 128
+        args.vocab, args.hidden, args.layers, args.chunk, args.repeats = 8192, 64, 2, 128, 1
         args.lengths = args.lengths or "256"
     lengths = [int(x) for x in (args.lengths or "1024,2048").split(",")]
     if args.config is not None:  # the child: one measurement, one JSON line
@@ -188,7 +198,8 @@ def main() -> None:
                 *("--rows", str(args.rows), "--micro-batch-size", str(args.micro_batch_size)),
                 *("--prompt", str(args.prompt), "--vocab", str(args.vocab)),
                 *("--hidden", str(args.hidden), "--layers", str(args.layers)),
-                *("--chunk", str(args.chunk), "--port", str(29611 + len(results))),
+                *("--chunk", str(args.chunk), "--repeats", str(args.repeats)),
+                *("--port", str(29611 + len(results))),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
             if out.returncode != 0:
