@@ -223,8 +223,14 @@ def hub_learners(
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             group = LearnerGroup(
-                # Chunked log-probs: the tied head (the embedding) is gathered per chunk.
-                LearnerConfig(model_path=HUB_ID, micro_batch_size=2, logprob_chunk_size=4),
+                # Chunked log-probs (the tied head, i.e. the embedding, is gathered per
+                # chunk) over packed micro-batches of up to 18 tokens.
+                LearnerConfig(
+                    model_path=HUB_ID,
+                    micro_batch_size=2,
+                    logprob_chunk_size=4,
+                    max_tokens_per_micro_batch=18,
+                ),
                 num_learners=2,
                 name="hub",
             )
@@ -269,8 +275,9 @@ def test_learner_from_hub_id_with_tied_head_and_no_pad(
         == AutoTokenizer.from_pretrained(str(shrunk_smollm2_nopad_path)).chat_template
     )
 
-    # One update through the chunked tied head (the ranks hold 16 and 5 positions: the
-    # second pads its head calls to the first's 4): loss and gradient norm are plain torch's.
+    # One update through the chunked tied head, rank 0's two rows packed in one (17 and
+    # 5 positions: rank 1 pads its head calls to rank 0's 5): loss and gradient norm are
+    # plain torch's.
     mask = att.float()
     mask[:, :3] = 0
     adv = torch.randn(ids.shape, generator=g) * mask
