@@ -191,7 +191,11 @@ class Learner:
     # ---------------------------------------------------------------- set-up
 
     def setup(self) -> dict[str, float]:
-        """Join the process group, build the ZeRO-3 policy (+ reference) engine; returns timings."""
+        """Join the process group, build the ZeRO-3 policy (+ reference) engine.
+
+        Returns timings, the parameter count and whether gradient
+        checkpointing is on (1.0) in the built policy.
+        """
         t0 = time.perf_counter()
         import deepspeed
 
@@ -246,6 +250,7 @@ class Learner:
             "time_init_distributed": t_dist - t0,
             "time_build": time.perf_counter() - t_dist,
             "num_parameters": float(n_params),
+            "gradient_checkpointing": float(model.is_gradient_checkpointing),
         }
 
     def _build_model(self, path: str, ds_config: dict[str, Any]) -> torch.nn.Module:

@@ -269,6 +269,7 @@ def assert_weights_close(got: dict[str, torch.Tensor], model: torch.nn.Module, a
 def test_actors_are_named_ranks(learners: Group) -> None:
     assert ray.get_actor("learner-0") is not None and ray.get_actor("learner-1") is not None
     assert learners.group.setup_info["num_parameters"] > 0
+    assert learners.group.setup_info["gradient_checkpointing"] == 0.0
 
 
 def test_gather_weight_buckets_returns_the_checkpoint(
@@ -345,6 +346,7 @@ def test_ppo_epochs_mini_batches_kl_and_tis_match_reference(
     plans = packed_plans(batch, world_size=2, mini_batches=2)
     assert any(len(mb) == 2 for plan in plans for rank in plan for mb in rank)
     assert any(len(plan[0]) != len(plan[1]) for plan in plans)
+    assert ppo_learners.group.setup_info["gradient_checkpointing"] == 1.0
     metrics = ppo_learners.group.train_step(batch)
     ref = reference_update(model, batch, cfg)
     assert metrics["steps"] == ref["steps"] == 4 and metrics["skipped"] == 0
