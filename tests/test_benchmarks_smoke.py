@@ -49,6 +49,13 @@ def test_goals_and_headlines_read_the_json_shapes():
     assert [ok for _, ok in goals("weight_sync", ws)] == [False, False]
     trl = {"capo_dist_samples_per_s": 2.0, "trl_samples_per_s": 1.0, "ratio": 2.0}
     assert goals("vs_trl", trl) == [("capo_dist/TRL samples/s ≥ 1.0", True)]
+    by = {
+        "today": {"peak_mib": 100.0, "mem_ratio": 1.0, "speed_ratio": 1.0},
+        "all": {"peak_mib": 45.0, "mem_ratio": 0.45, "speed_ratio": 1.2},
+    }
+    lm = {"results": {"1024": by}, "all_mem_ratio": 0.45, "all_speed_ratio": 1.2}
+    assert [ok for _, ok in goals("learner_memory", lm)] == [False, True]
+    assert "45 vs today 100 MiB (0.45x), 1.20x tokens/s" in headline("learner_memory", lm)
 
 
 README_BENCH = "make bench"
