@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "generation": ([], ["--quick"]),
     "vs_trl": ([], ["--quick"]),
     "judge_throughput": ([], ["--quick"]),
+    "learner_memory": ([], ["--quick"]),
 }
 
 
@@ -62,6 +63,11 @@ def goals(name: str, fig: dict) -> list[tuple[str, bool | None]]:
         if "http_c16_vs_c1" in fig:
             out.append(("HTTP judge concurrency 16 ≥ 4x 1", fig["http_c16_vs_c1"] >= 4.0))
         return out
+    if name == "learner_memory":
+        return [
+            ("all options: peak memory ≤ 0.4× today's", fig["all_mem_ratio"] <= 0.4),
+            ("all options: tokens/s ≥ 1.0× today's", fig["all_speed_ratio"] >= 1.0),
+        ]
     return []
 
 
@@ -112,6 +118,13 @@ def headline(name: str, fig: dict) -> str:
                 f"{fig['http_c1_critiques_per_s']:.2f} critiques/s ({fig['http_c16_vs_c1']:.2f}x)"
             )
         return "; ".join(parts)
+    if name == "learner_memory":
+        return "; ".join(
+            f"{n} tok: all options {by['all']['peak_mib']:.0f} vs today {by['today']['peak_mib']:.0f} MiB "
+            f"({by['all']['mem_ratio']:.2f}x), {by['all']['speed_ratio']:.2f}x tokens/s"
+            for n, by in fig["results"].items()
+            if "all" in by and "today" in by
+        )
     return ""
 
 

@@ -11,7 +11,8 @@ batch, no KL term, token-mean loss (TRL `loss_type="dapo"`), group-normalised
 advantages (capo `group_response`, TRL `scale_rewards="group"`), fp32, no
 gradient checkpointing, and the same number of optimizer steps. Each side
 keeps its own batching for the update (capo: micro-batches of
-`trainer.micro_batch_size` rows per rank; TRL: the whole batch in one pass)
+`trainer.micro_batch_size` rows per rank, or token-budget packed rows with
+`--pack-tokens N`; TRL: the whole batch in one pass)
 and its own use of the cores (capo: the rollout actor generates on
 `--rollout-cpus` threads, all cores by default in synchronous mode, where the
 learners wait for it, 1 with `--staleness 1`, where they overlap; TRL: one
@@ -224,6 +225,12 @@ def main() -> None:
         default=0,
         help="rollout.num_cpus_per_worker (0: all cores with --staleness 0, else 1)",
     )
+    ap.add_argument(
+        "--pack-tokens",
+        type=int,
+        default=0,
+        help="capo trainer.max_tokens_per_micro_batch (0: padded micro-batches of micro_batch_size rows)",
+    )
     ap.add_argument("--quick", action="store_true", help="3 steps, short completions")
     ap.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -259,6 +266,7 @@ def main() -> None:
         "trainer.ppo_epochs=1",
         "trainer.kl_coef=0.0",
         "trainer.export_hf=false",
+        f"trainer.max_tokens_per_micro_batch={args.pack_tokens}",
         "data.synthetic_size=512",
         "data.seed=0",
     ]
@@ -413,6 +421,7 @@ def main() -> None:
             "group": args.group,
             "max_tokens": args.max_tokens,
             "staleness": args.staleness,
+            "pack_tokens": args.pack_tokens,
             "rollout_threads": rollout_cpus,
             "trl_version": trl.get("trl"),
             "trl_threads": trl.get("threads"),

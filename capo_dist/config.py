@@ -18,6 +18,9 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from capo_dist.deepspeed_setup import LR_SCHEDULES
+from capo_dist.rewards.loss import LOSS_AGG_MODES
+
 VOTE_MODES = ("intersection", "majority", "union", "average")
 ADVANTAGE_MODES = ("group_token", "group_response", "no_std")
 JUDGE_BACKENDS = ("vllm", "hf", "openai", "symbolic")
@@ -226,6 +229,22 @@ class TrainerConfig:
     # their PPO ratio is taken against the engine's sampling log-probs, the importance
     # weight old/behaviour capped at this (> 1). See capo_dist.rewards.loss.
     stale_ratio_cap: float = 2.0
+    # Loss aggregation (capo_dist.rewards.loss): token_mean (all loss tokens of an optimizer
+    # step weigh the same) | seq_mean_token_mean (each response's token mean, then the mean
+    # over responses) | seq_mean_token_sum_norm (Dr. GRPO: each response's token sum divided
+    # by rollout.max_new_tokens, then the mean over responses).
+    loss_agg: str = "token_mean"
+    # Learning rate after the warm-up: constant | cosine (down to min_lr_ratio x lr at the
+    # last optimizer step, total_steps x ppo_epochs optimizer steps in all).
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+    # Learner memory for long responses: activation checkpointing of the decoder layers;
+    # the LM head + log-softmax run over chunks of this many positions (0 = all at once,
+    # keeping the [batch, length, vocab] logits for backward); micro-batches of at most
+    # this many tokens, packed into one row without padding (0 = micro_batch_size padded rows).
+    gradient_checkpointing: bool = False
+    logprob_chunk_size: int = 0
+    max_tokens_per_micro_batch: int = 0
     seed: int = 0
     sync: SyncConfig = field(default_factory=SyncConfig)
     # Checkpoints: every N steps (0 = only at the end), the last `keep_checkpoints`
@@ -519,6 +538,29 @@ def validate(cfg: RunConfig) -> None:
             f"trainer.stale_ratio_cap={cfg.trainer.stale_ratio_cap} must be > 1 (it caps the "
             "importance weight of stale rows; 2.0 is the default)"
         )
+    _validate_learner_memory_and_loss(cfg.trainer)
+
+
+def _validate_learner_memory_and_loss(t: TrainerConfig) -> None:
+    """The trainer keys of the loss aggregation, the lr schedule and the learner's memory."""
+    _one_of("trainer.loss_agg", t.loss_agg, LOSS_AGG_MODES)
+    _one_of("trainer.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(
+            f"trainer.min_lr_ratio={t.min_lr_ratio} must be in [0, 1] (the cosine floor as a share of trainer.lr)"
+        )
+    _at_least(
+        "trainer.logprob_chunk_size",
+        t.logprob_chunk_size,
+        0,
+        " (positions per chunk of the LM head; 0 = all at once)",
+    )
+    _at_least(
+        "trainer.max_tokens_per_micro_batch",
+        t.max_tokens_per_micro_batch,
+        0,
+        " (tokens per packed micro-batch; 0 = padded micro-batches of trainer.micro_batch_size rows)",
+    )
 
 
 def _check_recipe(cfg: RunConfig) -> None:

@@ -2,6 +2,7 @@
 
 * `deepspeed_config` / `reference_deepspeed_config`: the ZeRO-3 engine of the
   policy (caller-owned gradient accumulation) and of the frozen reference.
+* `lr_multiplier`: the learning-rate schedule (warm-up, then constant or cosine).
 * `skip_shm_comm_op`: mark DeepSpeed's shared-memory all-reduce op as
   unavailable before `init_distributed`, which saves a ~40 s C++ build on a
   fresh CPU machine (the op only serves DeepSpeed-Inference).
@@ -15,6 +16,7 @@ while these module-level functions travel by reference.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,6 +47,28 @@ def deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_multiplier(step: int, config: LearnerConfig) -> float:
+    """The factor on `config.lr` of optimizer update `step` (0-based).
+
+    Linear warm-up: update k < warmup_steps uses (k+1)/warmup_steps. Then
+    "constant": 1; "cosine": from 1 down to `min_lr_ratio` at
+    `total_optimizer_steps` (and `min_lr_ratio` past it):
+    r + (1 − r)·(1 + cos(π·p))/2 with p = (k − warmup)/(total − warmup).
+    """
+    warmup = config.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.lr_schedule == "constant":
+        return 1.0
+    span = max(config.total_optimizer_steps - warmup, 1)
+    progress = min((step - warmup) / span, 1.0)
+    floor = config.min_lr_ratio
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def reference_deepspeed_config(config: LearnerConfig) -> dict[str, Any]:

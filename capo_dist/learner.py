@@ -1,23 +1,14 @@
-"""The learner role (`learner-0`, `learner-1`, …): DeepSpeed ZeRO-3 ranks doing token-level PPO-clip.
+"""The learner role (`learner-0`, `learner-1`, …): the DeepSpeed ZeRO-3 rank actor.
 
 W ranks, one Ray actor each, form one DeepSpeed data-parallel group (NCCL on
 GPU, gloo on CPU — DeepSpeed picks its accelerator and backend itself). Each
-rank trains on its shard of a `TrainBatch` (rows rank::W):
-
-* old log-probs come from the learner itself, before the update (no grad);
-  a frozen reference model (ZeRO-3 too, no optimizer) gives the k3 KL term
-  when `kl_coef > 0`;
-* off-policy correction: a row sampled by an older policy version than the
-  learner's (`trainer.max_staleness=1`: the next batch is generated while
-  this one trains) takes its PPO ratio against the engine's sampling
-  log-probs (the behaviour policy), with the importance weight old/behaviour
-  capped at `stale_ratio_cap` (`capo_dist.rewards.loss`); fresh rows use the
-  sampler's log-probs only for the optional truncated IS weight (`tis_cap`);
-* the loss is a token mean over the GLOBAL number of loss tokens of each
-  optimizer step (all ranks, all micro-batches), so a step computes the same
-  thing for any W and any micro-batch size;
-* a step whose gradient norm is NaN/inf is skipped (DeepSpeed's ZeRO-3
-  optimizer checks the global norm in every precision) and reported.
+rank trains on its shard of a `TrainBatch` (rows rank::W). This file is the
+actor: set-up (policy engine, optional frozen reference for the k3 KL term,
+optimizer and learning-rate schedule), weight gathering for sync and export,
+checkpoints. The PPO update itself (micro-batches, old/reference log-prob
+passes, loss aggregation, off-policy correction, skipped steps) is
+`capo_dist.ppo_update`; the engines' module is `capo_dist.logprob_model`'s
+`LogprobModel` (log-probs and entropy, optionally chunked over positions).
 
 Every method that touches parameters is a ZeRO-3 collective, so the driver
 calls it on ALL ranks at once; `LearnerGroup` (learner_group.py) is the driver-side handle that
@@ -43,17 +34,19 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
-import torch.nn.functional as F
 
 from capo_dist.actor_logs import redirect_output
 from capo_dist.checkpoint import fsync_tree
 from capo_dist.deepspeed_setup import (
+    LR_SCHEDULES,
     deepspeed_config,
+    lr_multiplier,
     quiet_deepspeed,
     reference_deepspeed_config,
     skip_shm_comm_op,
@@ -64,7 +57,9 @@ from capo_dist.hf_checkpoint import (
     load_checkpoint_weights,
     resolve_checkpoint_dir,
 )
-from capo_dist.rewards.loss import ppo_clip_loss, token_logprobs
+from capo_dist.logprob_model import LogprobModel
+from capo_dist.ppo_update import PPOUpdate, all_reduce
+from capo_dist.rewards.loss import LOSS_AGG_MODES
 from capo_dist.tokenization import pad_token_id
 from capo_dist.types import TrainBatch
 from capo_dist.weight_sync import (
@@ -88,7 +83,16 @@ class LearnerConfig:
     Each PPO epoch is `mini_batches` optimizer steps over the rank's shard.
     `dtype` is the training precision of the weights ("float32" or
     "bfloat16"; ZeRO-3 keeps fp32 master weights for bf16). The learning rate
-    is constant after a linear warmup of `warmup_steps` optimizer steps.
+    follows `lr_schedule` after a linear warmup of `warmup_steps` optimizer
+    steps: "constant", or "cosine" down to `min_lr_ratio`·lr at
+    `total_optimizer_steps` (`deepspeed_setup.lr_multiplier`).
+    `loss_agg` (`capo_dist.rewards.loss.LOSS_AGG_MODES`) aggregates the token
+    losses; `loss_agg_norm_tokens` is Dr. GRPO's constant (the response
+    length budget). Memory for long responses: `gradient_checkpointing`
+    (HF, non-reentrant), `logprob_chunk_size` (positions per chunk of the LM
+    head + log-softmax, 0 = all at once; `capo_dist.logprob_model`),
+    `max_tokens_per_micro_batch` (token-budget micro-batches of packed rows
+    without padding, 0 = `micro_batch_size` padded rows; `capo_dist.packing`).
     `stale_ratio_cap` caps the behaviour importance weight of stale rows
     (see `train_step`).
     `ref_model_path` (default: `model_path`) is loaded only when
@@ -115,6 +119,14 @@ class LearnerConfig:
     seed: int = 0
     num_gpus_per_learner: float = 0.0
     num_cpus_per_learner: float = 1.0
+    loss_agg: str = "token_mean"
+    loss_agg_norm_tokens: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+    total_optimizer_steps: int = 0
+    gradient_checkpointing: bool = False
+    logprob_chunk_size: int = 0
+    max_tokens_per_micro_batch: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -122,11 +134,19 @@ class LearnerConfig:
         for key in ("ppo_epochs", "mini_batches", "micro_batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"LearnerConfig.{key}={getattr(self, key)} must be >= 1")
-
-
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so left and right padding give the same result."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if self.loss_agg not in LOSS_AGG_MODES:
+            raise ValueError(
+                f"LearnerConfig.loss_agg={self.loss_agg!r}; choose one of {list(LOSS_AGG_MODES)}"
+            )
+        if self.loss_agg == "seq_mean_token_sum_norm" and self.loss_agg_norm_tokens < 1:
+            raise ValueError("LearnerConfig.loss_agg_norm_tokens must be >= 1 for Dr. GRPO")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"LearnerConfig.lr_schedule={self.lr_schedule!r}; choose one of {list(LR_SCHEDULES)}"
+            )
+        for key in ("logprob_chunk_size", "max_tokens_per_micro_batch", "total_optimizer_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"LearnerConfig.{key}={getattr(self, key)} must be >= 0")
 
 
 @ray.remote
@@ -166,11 +186,16 @@ class Learner:
         self.pad_token_id = 0
         self.step = 0
         self._collective: CollectiveTransport | None = None
+        self.update: PPOUpdate | None = None
 
     # ---------------------------------------------------------------- set-up
 
     def setup(self) -> dict[str, float]:
-        """Join the process group, build the ZeRO-3 policy (+ reference) engine; returns timings."""
+        """Join the process group, build the ZeRO-3 policy (+ reference) engine.
+
+        Returns timings, the parameter count and whether gradient
+        checkpointing is on (1.0) in the built policy.
+        """
         t0 = time.perf_counter()
         import deepspeed
 
@@ -194,29 +219,38 @@ class Learner:
             weight_decay=cfg.weight_decay,
             fused=True,
         )
-        warmup = cfg.warmup_steps
-
-        def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-            # Constant after a linear warmup: update k (0-based) uses lr * min(1, (k+1)/warmup).
-            return torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda k: min(1.0, (k + 1) / warmup) if warmup > 0 else 1.0
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
             )
 
+        def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+            return torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_multiplier, config=cfg))
+
         self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+            model=LogprobModel(model, cfg.logprob_chunk_size),
+            optimizer=optimizer,
+            lr_scheduler=schedule,
+            config=ds_config,
         )
         self.engine.checkpoint_engine = weights_only_checkpoint_engine()
         if cfg.kl_coef > 0:
             ref_ds = reference_deepspeed_config(cfg)
             ref = self._build_model(cfg.ref_model_path or cfg.model_path, ref_ds)
             ref.requires_grad_(False)
-            self.ref_engine, *_ = deepspeed.initialize(model=ref, config=ref_ds)
+            self.ref_engine, *_ = deepspeed.initialize(
+                model=LogprobModel(ref, cfg.logprob_chunk_size), config=ref_ds
+            )
             self.ref_engine.eval()
+        self.update = PPOUpdate(
+            cfg, self.engine, self.ref_engine, self.device, self.pad_token_id, self.world_size
+        )
         n_params = sum(math.prod(s.shape) for s in self.weight_specs())
         return {
             "time_init_distributed": t_dist - t0,
             "time_build": time.perf_counter() - t_dist,
             "num_parameters": float(n_params),
+            "gradient_checkpointing": float(model.is_gradient_checkpointing),
         }
 
     def _build_model(self, path: str, ds_config: dict[str, Any]) -> torch.nn.Module:
@@ -254,58 +288,12 @@ class Learner:
 
     def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         """Reduce a few floats over all ranks in one collective."""
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return t.tolist()
-
-    def _micro_batches(self, rows: torch.Tensor, num: int) -> list[torch.Tensor]:
-        """Split row indices into exactly `num` micro-batches; the ones past the data are empty."""
-        mbs = self.config.micro_batch_size
-        chunks = [rows[i : i + mbs] for i in range(0, len(rows), mbs)]
-        return chunks + [rows[:0] for _ in range(num - len(chunks))]
-
-    def _forward_logprobs(
-        self, engine: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Per-token log-probs [b, L] (float32) of one micro-batch; an empty one runs a dummy row.
-
-        Under ZeRO-3 every forward gathers parameters collectively, so a rank
-        with no rows left still runs a forward and backward (of two pad
-        tokens, whose loss mask is 0) to keep step with the others.
-        """
-        width = input_ids.shape[1]
-        if input_ids.shape[0] == 0:
-            input_ids = torch.full((1, 2), self.pad_token_id, dtype=torch.long)
-            attention_mask = torch.ones_like(input_ids)
-        # Trim the padding columns no row uses; keep two positions at least, so the
-        # log-probs (position 0 is a constant) and hence the loss depend on the logits.
-        used = int(attention_mask.nonzero()[:, 1].max()) + 1 if attention_mask.any() else 1
-        length = max(used, 2)
-        if length > input_ids.shape[1]:
-            extra = length - input_ids.shape[1]
-            input_ids = F.pad(input_ids, (0, extra), value=self.pad_token_id)
-            attention_mask = F.pad(attention_mask, (0, extra))
-        ids = input_ids[:, :length].to(self.device)
-        mask = attention_mask[:, :length].to(self.device)
-        logits = engine(
-            input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False
-        ).logits
-        lp = token_logprobs(logits, ids)
-        return lp[:, :width] if length >= width else F.pad(lp, (0, width - length))
-
-    @staticmethod
-    def _indexed(micro: list[list[torch.Tensor]]) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
-        """((mini-batch, micro-batch), rows) for every micro-batch of a step, in training order."""
-        for i, mini in enumerate(micro):
-            for j, chunk in enumerate(mini):
-                yield (i, j), chunk
+        return all_reduce(values, self.device, op)
 
     # ---------------------------------------------------------------- training
 
     def train_step(self, batch: TrainBatch, policy_version: int | None = None) -> dict[str, float]:
-        """PPO epochs over this rank's shard; returns metrics reduced over all ranks.
+        """PPO epochs over this rank's shard (`PPOUpdate.train_step`); metrics reduced over all ranks.
 
         `policy_version` is the version of the weights this learner holds (the
         driver's sync count). Rows with `batch.policy_version` below it were
@@ -314,125 +302,18 @@ class Learner:
         `stale_ratio_cap` (`ppo_clip_loss`, `stale=`). Without either version
         every row counts as fresh.
 
-        Metrics: `loss` and `pg_loss` (global token-mean loss, averaged over
-        optimizer steps), token-weighted global means of `clip_frac`,
-        `approx_kl`, `ratio_mean`, `kl`, `tis_mean`, `stale_frac`; `grad_norm` (global,
-        before clipping, of the last step; inf if it was skipped), `lr` (of the last step), `tokens`
+        Metrics: `loss` and `pg_loss` (the global `loss_agg` aggregate,
+        averaged over optimizer steps), token-weighted global means of
+        `clip_frac`, `approx_kl`, `ratio_mean`, `kl`, `tis_mean`, `stale_frac`,
+        `entropy` (the policy's entropy over loss tokens, from the training
+        forward's logits); `grad_norm` (global, before clipping, of the last
+        step; inf if it was skipped), `lr` (of the last step), `tokens`
         (loss tokens in the whole batch, all ranks), `steps` (optimizer
         steps), `skipped` (steps skipped for a non-finite gradient norm),
         `time` (seconds, slowest rank).
         """
-        t0 = time.perf_counter()
-        cfg = self.config
-        engine = self.engine
-        n_rows = len(batch)
-        rows = torch.arange(n_rows)
-        minis = [rows[i :: cfg.mini_batches] for i in range(cfg.mini_batches)]
-        mbs = cfg.micro_batch_size
-        counts = [float(math.ceil(len(m) / mbs)) for m in minis]
-        tokens = [float(batch.loss_mask[m].sum()) for m in minis]
-        reduced = self._all_reduce(counts, op="max")
-        num_micro = [int(c) for c in reduced]
-        global_tokens = self._all_reduce(tokens)
-        micro = [self._micro_batches(m, n) for m, n in zip(minis, num_micro, strict=True)]
-        stale = torch.zeros(n_rows, dtype=torch.bool)
-        if policy_version is not None and batch.policy_version is not None:
-            stale = batch.policy_version < policy_version
-
-        # Old (and reference) log-probs, before any update. With a single
-        # optimizer step per batch the policy has not moved when the loss is
-        # computed, so the detached current log-probs ARE the old ones and the
-        # extra forward is skipped.
-        recompute_old = cfg.ppo_epochs * cfg.mini_batches > 1
-        old: dict[tuple[int, int], torch.Tensor] = {}
-        ref: dict[tuple[int, int], torch.Tensor] = {}
-        with torch.no_grad():
-            if recompute_old or self.ref_engine is not None:
-                engine.eval()
-                for key, chunk in self._indexed(micro):
-                    ids, att = batch.input_ids[chunk], batch.attention_mask[chunk]
-                    if recompute_old:
-                        old[key] = self._forward_logprobs(engine, ids, att)
-                    if self.ref_engine is not None:
-                        ref[key] = self._forward_logprobs(self.ref_engine, ids, att)
-
-        engine.train()
-        stat_names = (
-            "clip_frac",
-            "approx_kl",
-            "ratio_mean",
-            "kl",
-            "tis_mean",
-            "pg_loss",
-            "stale_frac",
-        )
-        sums = dict.fromkeys(("loss", *stat_names), 0.0)
-        steps = skipped = 0
-        grad_norm = lr = 0.0
-        for _epoch in range(cfg.ppo_epochs):
-            for i, (mini, n_tok) in enumerate(zip(micro, global_tokens, strict=True)):
-                if n_tok == 0:
-                    continue  # nothing to learn from (same on every rank: the count is global)
-                lr = float(engine.get_lr()[0])
-                loss_sum = 0.0
-                for j, chunk in enumerate(mini):
-                    ids, att = batch.input_ids[chunk], batch.attention_mask[chunk]
-                    lp = self._forward_logprobs(engine, ids, att)
-                    if len(chunk) == 0:
-                        zeros = torch.zeros_like(lp)
-                        mask = adv = samp = zeros
-                    else:
-                        mask = batch.loss_mask[chunk].to(self.device)
-                        adv = batch.advantages[chunk].to(self.device)
-                        samp = batch.sampler_logprobs[chunk].to(self.device)
-                    old_lp = old[i, j] if recompute_old else lp.detach()
-                    loss, stats = ppo_clip_loss(
-                        lp,
-                        old_lp,
-                        adv,
-                        mask,
-                        clip_low=cfg.clip_low,
-                        clip_high=cfg.clip_high,
-                        ref_logprobs=ref.get((i, j)),
-                        kl_coef=cfg.kl_coef,
-                        sampler_logprobs=samp,
-                        tis_cap=cfg.tis_cap,
-                        num_tokens=max(n_tok, 1.0),
-                        stale=stale[chunk].to(self.device) if len(chunk) else None,
-                        stale_ratio_cap=cfg.stale_ratio_cap,
-                    )
-                    # ZeRO averages gradients over the W ranks; each rank's loss is
-                    # already its share of the global token mean, so scale by W.
-                    engine.backward(loss * self.world_size, scale_wrt_gas=False)
-                    loss_sum += float(loss.detach())
-                    local_tokens = float(mask.sum())
-                    for k in stat_names:
-                        sums[k] += stats[k] * (local_tokens if k != "pg_loss" else 1.0)
-                engine.step()
-                steps += 1
-                sums["loss"] += loss_sum
-                grad_norm = float(engine.get_global_grad_norm())  # inf when skipped
-                skipped += not engine.was_step_applied()
-        self.step += steps - skipped
-
-        keys = list(sums)
-        total = self._all_reduce([sums[k] for k in keys])
-        all_tokens = max(sum(global_tokens), 1.0)
-        metrics = {}
-        for k, v in zip(keys, total, strict=True):
-            if k in ("loss", "pg_loss"):
-                metrics[k] = v / max(steps, 1)  # each step's value is a global token mean
-            else:
-                metrics[k] = v / (all_tokens * cfg.ppo_epochs)
-        (elapsed,) = self._all_reduce([time.perf_counter() - t0], op="max")
-        metrics.update(
-            grad_norm=grad_norm,
-            lr=lr,
-            tokens=sum(global_tokens),
-            steps=float(steps),
-            skipped=float(skipped),
-            time=elapsed,
-        )
+        metrics = self.update.train_step(batch, policy_version)
+        self.step += int(metrics["steps"] - metrics["skipped"])
         return metrics
 
     def compute_logprobs(
@@ -444,26 +325,13 @@ class Learner:
         hold 0. Collective: every rank calls it (with its own rows, possibly
         none) the same number of times.
         """
-        rows = torch.arange(input_ids.shape[0])
-        (num,) = self._all_reduce(
-            [float(math.ceil(len(rows) / self.config.micro_batch_size))], "max"
-        )
-        out = []
-        self.engine.eval()
-        with torch.no_grad():
-            for chunk in self._micro_batches(rows, int(num)):
-                lp = self._forward_logprobs(self.engine, input_ids[chunk], attention_mask[chunk])
-                if len(chunk):
-                    out.append((lp * attention_mask[chunk].to(lp.device)).cpu())
-        if not out:
-            return torch.zeros(input_ids.shape, dtype=torch.float32)
-        return torch.cat(out)
+        return self.update.logprobs(input_ids, attention_mask)
 
     # ---------------------------------------------------------------- weights
 
     def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The policy's parameters under their HF names (tied weights once)."""
-        return list(self.engine.module.named_parameters())
+        return list(self.engine.module.policy.named_parameters())
 
     def weight_specs(self) -> list[ParamSpec]:
         """Name, full shape and dtype of every policy parameter, in sync order (no gather)."""

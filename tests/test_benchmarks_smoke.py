@@ -63,6 +63,13 @@ def test_goals_and_headlines_read_the_json_shapes():
     engine_only = {k: v for k, v in judge.items() if not k.startswith("http")}
     assert [ok for _, ok in goals("judge_throughput", engine_only)] == [True]  # --only engine
     assert "HTTP" not in headline("judge_throughput", engine_only)
+    by = {
+        "today": {"peak_mib": 100.0, "mem_ratio": 1.0, "speed_ratio": 1.0},
+        "all": {"peak_mib": 45.0, "mem_ratio": 0.45, "speed_ratio": 1.2},
+    }
+    lm = {"results": {"1024": by}, "all_mem_ratio": 0.45, "all_speed_ratio": 1.2}
+    assert [ok for _, ok in goals("learner_memory", lm)] == [False, True]
+    assert "45 vs today 100 MiB (0.45x), 1.20x tokens/s" in headline("learner_memory", lm)
 
 
 README_BENCH = "make bench"

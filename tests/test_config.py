@@ -146,6 +146,17 @@ def test_contract_keys_exist():
             "rollout.truncated=soft_penalty rollout.overlong_penalty=-1",
             "rollout.overlong_penalty=-1.0 must be >= 0",
         ),
+        ("trainer.loss_agg=sum", "trainer.loss_agg='sum' is not valid; choose one of: token_mean"),
+        ("trainer.lr_schedule=linear", "trainer.lr_schedule='linear' is not valid; choose one of"),
+        (
+            "trainer.min_lr_ratio=1.5",
+            "trainer.min_lr_ratio=1.5 must be in [0, 1] (the cosine floor",
+        ),
+        ("trainer.logprob_chunk_size=-1", "trainer.logprob_chunk_size=-1 must be >= 0"),
+        (
+            "trainer.max_tokens_per_micro_batch=-8",
+            "trainer.max_tokens_per_micro_batch=-8 must be >= 0 (tokens per packed micro-batch",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):

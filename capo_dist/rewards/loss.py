@@ -40,6 +40,51 @@ import math
 
 import torch
 
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def loss_token_weights(
+    mask: torch.Tensor,
+    mode: str,
+    global_tokens: float,
+    global_seqs: float,
+    norm_tokens: float = 0.0,
+) -> torch.Tensor:
+    """Each token's weight in the loss (loss = Σ_t w_t·ℓ_t), [B, T] like `mask`.
+
+    `global_tokens` / `global_seqs`: loss tokens / rows with at least one loss
+    token over the whole optimizer step (all ranks, all micro-batches);
+    `norm_tokens`: Dr. GRPO's constant (`seq_mean_token_sum_norm`). Masked
+    tokens weigh 0. See the module doc for the formulas.
+    """
+    m = mask.to(torch.float32)
+    if mode == "token_mean":
+        return m / max(global_tokens, 1.0)
+    if mode == "seq_mean_token_mean":
+        per_row = m.sum(-1, keepdim=True).clamp(min=1.0)
+        return m / (per_row * max(global_seqs, 1.0))
+    if mode == "seq_mean_token_sum_norm":
+        if norm_tokens <= 0:
+            raise ValueError(f"seq_mean_token_sum_norm needs norm_tokens > 0, got {norm_tokens}")
+        return m / (norm_tokens * max(global_seqs, 1.0))
+    raise ValueError(f"loss_agg={mode!r}; choose one of {list(LOSS_AGG_MODES)}")
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and the entropy of p = softmax(logits) at each position, in float32.
+
+    logits [..., V], targets [...]: returns two [...] tensors; the log-probs
+    are differentiable, the entropy (a metric) is not.
+    """
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    lp = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
+    with torch.no_grad():
+        ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    return lp, ent
+
 
 def token_logprobs(
     logits: torch.Tensor, input_ids: torch.Tensor, chunk_rows: int = 1
@@ -78,11 +123,13 @@ def ppo_clip_loss(
     num_tokens: float | None = None,
     stale: torch.Tensor | None = None,
     stale_ratio_cap: float = 2.0,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level PPO-clip loss (scalar tensor) and metrics; all inputs [B, T].
 
     `num_tokens`: the token-mean normaliser (see module doc; global count in
-    distributed training). `stale` ([B] bool): rows sampled by an older policy
+    distributed training). `token_weights` ([B, T], from
+    `loss_token_weights`) replaces the token mean: loss = Σ_t w_t·ℓ_t. `stale` ([B] bool): rows sampled by an older policy
     than `old_logprobs`'s, whose ratio is taken against `sampler_logprobs`
     (required then) with the importance weight capped at `stale_ratio_cap`
     (> 1; see module doc). Metrics are masked means over THIS call's tokens:
@@ -93,6 +140,8 @@ def ppo_clip_loss(
     """
     m = mask.to(logprobs.dtype)
     denom = float(num_tokens) if num_tokens is not None else m.sum().clamp(min=1.0)
+    # Per-token weight of the loss (mask included): token mean by default.
+    w = token_weights.to(logprobs.dtype) if token_weights is not None else m / denom
     stale_tok = torch.zeros_like(m, dtype=torch.bool)
     behaviour = old_logprobs
     if stale is not None and bool(stale.any()):
@@ -114,14 +163,14 @@ def ppo_clip_loss(
         per_token = per_token * tis
     else:
         tis = torch.ones_like(per_token)
-    pg_loss = (per_token * m).sum() / denom
+    pg_loss = (per_token * w).sum()
     loss = pg_loss
     kl_tok = torch.zeros_like(per_token)
     if ref_logprobs is not None:
         d = ref_logprobs - logprobs
         kl_tok = torch.exp(d) - d - 1.0
         if kl_coef != 0.0:
-            loss = loss + kl_coef * (kl_tok * m).sum() / denom
+            loss = loss + kl_coef * (kl_tok * w).sum()
     with torch.no_grad():
         n = m.sum().clamp(min=1.0)
         clipped = (pg2 < pg1).to(m.dtype)

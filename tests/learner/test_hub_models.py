@@ -25,7 +25,8 @@ from capo_dist.hf_checkpoint import load_checkpoint_weights, resolve_checkpoint_
 from capo_dist.hub_models import fill_hf_cache, smollm2_gguf
 from capo_dist.learner import LearnerConfig
 from capo_dist.learner_group import LearnerGroup
-from capo_dist.rewards.loss import token_logprobs
+from capo_dist.rewards.loss import ppo_clip_loss, token_logprobs
+from capo_dist.types import TrainBatch
 
 HUB_ID = "meta-llama/Llama-3.2-3B-Instruct"
 
@@ -222,7 +223,16 @@ def hub_learners(
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             group = LearnerGroup(
-                LearnerConfig(model_path=HUB_ID, micro_batch_size=2), num_learners=2, name="hub"
+                # Chunked log-probs (the tied head, i.e. the embedding, is gathered per
+                # chunk) over packed micro-batches of up to 18 tokens.
+                LearnerConfig(
+                    model_path=HUB_ID,
+                    micro_batch_size=2,
+                    logprob_chunk_size=4,
+                    max_tokens_per_micro_batch=18,
+                ),
+                num_learners=2,
+                name="hub",
             )
             yield group
             group.shutdown()
@@ -264,3 +274,18 @@ def test_learner_from_hub_id_with_tied_head_and_no_pad(
         tok.chat_template
         == AutoTokenizer.from_pretrained(str(shrunk_smollm2_nopad_path)).chat_template
     )
+
+    # One update through the chunked tied head, rank 0's two rows packed in one (17 and
+    # 5 positions: rank 1 pads its head calls to rank 0's 5): loss and gradient norm are
+    # plain torch's.
+    mask = att.float()
+    mask[:, :3] = 0
+    adv = torch.randn(ids.shape, generator=g) * mask
+    metrics = hub_learners.train_step(TrainBatch(ids, att, mask, adv, torch.zeros(ids.shape)))
+    lp = token_logprobs(ref(input_ids=ids, attention_mask=att).logits, ids)
+    loss, _ = ppo_clip_loss(lp, lp.detach(), adv, mask)
+    loss.backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0))
+    assert metrics["skipped"] == 0
+    assert metrics["loss"] == pytest.approx(float(loss.detach()), rel=1e-4, abs=1e-7)
+    assert metrics["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)

@@ -2,9 +2,13 @@
 
 Every check compares against plain single-process torch on the same Hugging
 Face model: the same batch, the same `ppo_clip_loss`, the same AdamW and
-schedule. Two groups share one Ray cluster: `learners` (the default PPO
-configuration) and `ppo_learners` (two PPO epochs, KL to a frozen reference,
-truncated IS, warmup, weight decay). Each group saves a checkpoint right
+schedule, each mini-batch as one padded forward in one process. Three groups
+share one Ray cluster: `learners` (the default PPO configuration: token-mean
+loss, padded micro-batches), `ppo_learners` (two PPO epochs, KL to a frozen
+reference, truncated IS, cosine schedule after warmup, weight decay, and the
+long-response options: seq-mean-token-mean loss, packed token-budget
+micro-batches, chunked log-probs, gradient checkpointing) and `bf16_learners`
+(bf16 weights, Dr. GRPO's constant-normalised loss). Each group saves a checkpoint right
 after start-up, and tests that need the initial state load it first, so the
 tests do not depend on their order (and exercise optimizer/scheduler
 restore).
@@ -21,15 +25,18 @@ import pytest
 import ray
 import torch
 
+from capo_dist.deepspeed_setup import lr_multiplier
 from capo_dist.learner import LearnerConfig
 from capo_dist.learner_group import LearnerGroup
-from capo_dist.rewards.loss import ppo_clip_loss, token_logprobs
+from capo_dist.packing import plan_micro_batches
+from capo_dist.rewards.loss import loss_token_weights, ppo_clip_loss, token_logprobs
 from capo_dist.types import TrainBatch
 from capo_dist.weight_sync import WeightBucket, plan_buckets
 
 pytestmark = pytest.mark.slow
 
 BUCKET_BYTES = 64 << 10  # many buckets even for the tiny model
+PACK_TOKENS = 24  # ppo_learners' token budget per micro-batch
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +79,10 @@ def ppo_learners(ray_cluster, tiny_model_path: str, tmp_path_factory: pytest.Tem
     cfg = LearnerConfig(
         model_path=tiny_model_path,
         lr=2e-3,
-        warmup_steps=3,
+        warmup_steps=2,
+        lr_schedule="cosine",
+        total_optimizer_steps=5,
+        min_lr_ratio=0.25,
         weight_decay=0.01,
         grad_clip=0.5,
         ppo_epochs=2,
@@ -82,6 +92,10 @@ def ppo_learners(ray_cluster, tiny_model_path: str, tmp_path_factory: pytest.Tem
         clip_high=0.3,
         kl_coef=0.2,
         tis_cap=2.0,
+        loss_agg="seq_mean_token_mean",
+        max_tokens_per_micro_batch=PACK_TOKENS,
+        logprob_chunk_size=7,
+        gradient_checkpointing=True,
     )
     g = _group(cfg, "ppo-learner", tmp_path_factory.mktemp("ckpt"))
     yield g
@@ -91,7 +105,13 @@ def ppo_learners(ray_cluster, tiny_model_path: str, tmp_path_factory: pytest.Tem
 @pytest.fixture(scope="module")
 def bf16_learners(ray_cluster, tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory):
     cfg = LearnerConfig(
-        model_path=tiny_model_path, dtype="bfloat16", lr=1e-3, micro_batch_size=2, grad_clip=1.0
+        model_path=tiny_model_path,
+        dtype="bfloat16",
+        lr=1e-3,
+        micro_batch_size=2,
+        grad_clip=1.0,
+        loss_agg="seq_mean_token_sum_norm",
+        loss_agg_norm_tokens=16,
     )
     g = _group(cfg, "bf16-learner", tmp_path_factory.mktemp("ckpt"))
     yield g
@@ -110,6 +130,15 @@ def hf_model(path: str) -> torch.nn.Module:
 def hf_logprobs(model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
     """Plain HF forward on right-padded rows, then the shared `token_logprobs`."""
     return token_logprobs(model(input_ids=ids, attention_mask=att).logits, ids)
+
+
+def hf_entropy_sum(model: torch.nn.Module, batch: TrainBatch) -> float:
+    """Σ over loss tokens of the policy's entropy at the position predicting them."""
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        ent = -(logp.exp() * logp).sum(-1)
+    return float((ent * batch.loss_mask[:, 1:]).sum())
 
 
 def gathered(group: LearnerGroup) -> dict[str, torch.Tensor]:
@@ -153,6 +182,19 @@ def mini_batch_rows(rows: int, world_size: int, mini_batches: int) -> list[torch
     return [torch.cat([s[i::mini_batches] for s in shards]) for i in range(mini_batches)]
 
 
+def packed_plans(batch: TrainBatch, world_size: int, mini_batches: int) -> list[list[list]]:
+    """[mini-batch][rank] -> the token-budget micro-batches (row lists) that rank plans."""
+    lengths = batch.attention_mask.sum(-1)
+    plans = []
+    for i in range(mini_batches):
+        per_rank = []
+        for r in range(world_size):
+            rows = torch.arange(r, len(batch), world_size)[i::mini_batches]
+            per_rank.append(plan_micro_batches(rows, lengths[rows], 1, PACK_TOKENS))
+        plans.append(per_rank)
+    return plans
+
+
 def reference_update(
     model: torch.nn.Module, batch: TrainBatch, cfg: LearnerConfig, world_size: int = 2
 ) -> dict[str, float]:
@@ -165,19 +207,23 @@ def reference_update(
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
     )
-    w = cfg.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / w) if w else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_multiplier(k, cfg))
     with torch.no_grad():
         old = hf_logprobs(model, batch.input_ids, batch.attention_mask)
         ref = hf_logprobs(ref_model, batch.input_ids, batch.attention_mask) if ref_model else None
     keys = ("clip_frac", "approx_kl", "kl")
-    losses, sums = [], dict.fromkeys(keys, 0.0)
+    losses, sums = [], dict.fromkeys((*keys, "entropy"), 0.0)
     model.train()
     for _ in range(cfg.ppo_epochs):
         for rows in mini_batch_rows(len(batch), world_size, cfg.mini_batches):
             mb = TrainBatch(*(t[rows] for t in batch.tensors()))
             lr = opt.param_groups[0]["lr"]
             n_tokens = float(mb.loss_mask.sum())
+            n_seqs = float((mb.loss_mask.sum(-1) > 0).sum())
+            weights = loss_token_weights(
+                mb.loss_mask, cfg.loss_agg, n_tokens, n_seqs, cfg.loss_agg_norm_tokens
+            )
+            sums["entropy"] += hf_entropy_sum(model, mb)
             loss, st = ppo_clip_loss(
                 hf_logprobs(model, mb.input_ids, mb.attention_mask),
                 old[rows],
@@ -189,7 +235,7 @@ def reference_update(
                 kl_coef=cfg.kl_coef,
                 sampler_logprobs=mb.sampler_logprobs,
                 tis_cap=cfg.tis_cap,
-                num_tokens=n_tokens,
+                token_weights=weights,
             )
             opt.zero_grad()
             loss.backward()
@@ -223,6 +269,7 @@ def assert_weights_close(got: dict[str, torch.Tensor], model: torch.nn.Module, a
 def test_actors_are_named_ranks(learners: Group) -> None:
     assert ray.get_actor("learner-0") is not None and ray.get_actor("learner-1") is not None
     assert learners.group.setup_info["num_parameters"] > 0
+    assert learners.group.setup_info["gradient_checkpointing"] == 0.0
 
 
 def test_gather_weight_buckets_returns_the_checkpoint(
@@ -255,6 +302,7 @@ def test_train_step_matches_single_process_reference(learners: Group, tiny_model
     assert metrics["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
     assert metrics["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
     assert metrics["lr"] == pytest.approx(cfg.lr)
+    assert metrics["entropy"] == pytest.approx(ref["entropy"], rel=1e-5)
     after = gathered(learners.group)
     assert_weights_close(after, model, atol=2e-5)
     initial = dict(hf_model(tiny_model_path).named_parameters())
@@ -291,16 +339,22 @@ def test_ppo_epochs_mini_batches_kl_and_tis_match_reference(
     ppo_learners.reset()
     cfg = ppo_learners.group.config
     model = hf_model(tiny_model_path)
-    # Ranks get 3 and 2 rows, split into 2 mini-batches of 1-row micro-batches:
-    # rank 1 runs a dummy micro-batch in the first mini-batch of each epoch.
-    batch = make_batch(model, rows=5, seed=2)
+    # Ranks get 4 and 3 rows, split into 2 mini-batches packed into micro-batches of
+    # at most PACK_TOKENS tokens: the plan below (what each rank computes) holds a
+    # micro-batch of two packed sequences, and a rank that runs a dummy micro-batch.
+    batch = make_batch(model, rows=7, seed=2)
+    plans = packed_plans(batch, world_size=2, mini_batches=2)
+    assert any(len(mb) == 2 for plan in plans for rank in plan for mb in rank)
+    assert any(len(plan[0]) != len(plan[1]) for plan in plans)
+    assert ppo_learners.group.setup_info["gradient_checkpointing"] == 1.0
     metrics = ppo_learners.group.train_step(batch)
     ref = reference_update(model, batch, cfg)
     assert metrics["steps"] == ref["steps"] == 4 and metrics["skipped"] == 0
     assert metrics["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-6)
     assert metrics["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
-    assert metrics["lr"] == pytest.approx(ref["lr"]) == cfg.lr  # warmup (3 steps) is over
-    for key in ("clip_frac", "approx_kl", "kl"):
+    # cosine after 2 warm-up updates, down to 0.25·lr at update 5: update k=3 is 1/3 down
+    assert metrics["lr"] == pytest.approx(ref["lr"]) == pytest.approx(cfg.lr * 0.8125)
+    for key in ("clip_frac", "approx_kl", "kl", "entropy"):
         assert metrics[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-6), key
     assert metrics["kl"] > 0 and metrics["approx_kl"] > 0 and metrics["clip_frac"] > 0
     assert_weights_close(gathered(ppo_learners.group), model, atol=5e-5)

@@ -9,7 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from capo_dist.rewards.loss import ppo_clip_loss, token_logprobs
+from capo_dist.rewards.loss import (
+    logprobs_and_entropy,
+    loss_token_weights,
+    ppo_clip_loss,
+    token_logprobs,
+)
 
 
 def _naive_loss(lp, old, adv, mask, cl, ch, ref, kl_coef, sampler, cap, num_tokens):
@@ -204,3 +209,42 @@ def test_stale_rows_need_the_behaviour_policy_and_a_cap_above_one():
             stale=torch.tensor([True]),
             stale_ratio_cap=1.0,
         )
+
+
+def test_loss_token_weights_by_hand():
+    """Two rows of 2 and 1 loss tokens; the step holds 6 tokens in 3 sequences overall."""
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    tok = loss_token_weights(mask, "token_mean", global_tokens=6, global_seqs=3)
+    torch.testing.assert_close(tok, torch.tensor([[0, 1 / 6, 1 / 6, 0], [0, 0, 1 / 6, 0]]))
+    seq = loss_token_weights(mask, "seq_mean_token_mean", global_tokens=6, global_seqs=3)
+    torch.testing.assert_close(seq, torch.tensor([[0, 1 / 6, 1 / 6, 0], [0, 0, 1 / 3, 0]]))
+    dr = loss_token_weights(mask, "seq_mean_token_sum_norm", 6, 3, norm_tokens=8)
+    torch.testing.assert_close(dr, torch.tensor([[0, 1 / 24, 1 / 24, 0], [0, 0, 1 / 24, 0]]))
+    with pytest.raises(ValueError, match="norm_tokens > 0"):
+        loss_token_weights(mask, "seq_mean_token_sum_norm", 6, 3)
+    with pytest.raises(ValueError, match="loss_agg='mean'; choose one of"):
+        loss_token_weights(mask, "mean", 6, 3)
+
+
+def test_token_weights_aggregate_the_loss():
+    """loss = Σ w_t·ℓ_t: seq-mean of token-means (ratio 1, so ℓ_t = −A_t) by hand."""
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([[1.0, 3.0, 0.0], [-4.0, 0.0, 0.0]])
+    lp = torch.zeros(2, 3)
+    w = loss_token_weights(mask, "seq_mean_token_mean", global_tokens=3, global_seqs=2)
+    loss, _ = ppo_clip_loss(lp, lp, adv, mask, token_weights=w)
+    assert float(loss) == pytest.approx(-((1 + 3) / 2 + -4 / 1) / 2)  # = 1.0
+    w = loss_token_weights(mask, "seq_mean_token_sum_norm", 3, 2, norm_tokens=4)
+    loss, _ = ppo_clip_loss(lp, lp, adv, mask, token_weights=w)
+    assert float(loss) == pytest.approx(-((1 + 3) / 4 + -4 / 4) / 2)  # = 0.0
+    w = loss_token_weights(mask, "token_mean", 3, 2)
+    loss, _ = ppo_clip_loss(lp, lp, adv, mask, token_weights=w)
+    assert float(loss) == pytest.approx(-(1 + 3 - 4) / 3)
+
+
+def test_entropy_by_hand():
+    """Uniform over 4 tokens: entropy log 4; one-hot-ish: about 0; log-probs match."""
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [50.0, 0.0, 0.0, 0.0]])
+    lp, ent = logprobs_and_entropy(logits, torch.tensor([2, 0]))
+    assert lp.tolist() == pytest.approx([-math.log(4), 0.0], abs=1e-6)
+    assert ent.tolist() == pytest.approx([math.log(4), 0.0], abs=1e-6)
