@@ -629,6 +629,70 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
+    def _record(
+        self,
+        exp: Experience,
+        train: dict[str, float],
+        rollout_stats: list[dict],
+        judge_stats: list[dict],
+        recovered: int,
+        times: dict[str, float],
+    ) -> dict[str, float]:
+        """One step's metrics.jsonl row: the experience's figures, the learner's
+        (`train_*`), rollout and judge totals, and `times` (seconds per stage)."""
+        time_rollout = sum(s["rollout_seconds"] for s in rollout_stats) / len(self.rollout)
+        rollout_tokens = sum(s["rollout_tokens"] for s in rollout_stats)
+        return {
+            "step": self.step,
+            **exp.metrics,
+            **{f"train_{k}": v for k, v in train.items()},
+            "prompts": len({s["uid"] for s in exp.samples}),
+            "responses": len(exp.samples),
+            "chunks_recovered": recovered,
+            "policy_version": self.version,
+            "tokens_per_s": rollout_tokens / max(time_rollout, 1e-9),
+            "time_rollout": time_rollout,
+            "time_judge": sum(s["judge_seconds"] for s in judge_stats) / max(len(self.judges), 1),
+            "judge_request_failures": sum(s["judge_request_failures"] for s in judge_stats),
+            "judge_unchecked_steps": sum(s["judge_unchecked_steps"] for s in judge_stats),
+            **judge_token_metrics(judge_stats, rollout_tokens),
+            "judge_skipped_responses": sum(s["judge_skipped_responses"] for s in judge_stats),
+            "judge_skipped_tokens": sum(s["judge_skipped_tokens"] for s in judge_stats),
+            **times,
+        }
+
+    def _check_step(self, record: dict[str, float], exp: Experience) -> str | None:
+        """The per-step checks that add to `record`: the judge's invalid streak (returns
+        the problem to raise or warn about once the step is saved, or None) and, with
+        trainer.sync.verify, the engines against the learner."""
+        judge_problem = None
+        if self.judges:
+            self.invalid_steps, judge_problem = invalid_streak_check(
+                self.invalid_steps,
+                exp.metrics["judge_invalid_rate"],
+                self.cfg.judge.max_invalid_steps,
+                judge_label(self.cfg.judge, self.model_path),
+            )
+            record["judge_invalid_steps"] = self.invalid_steps
+        if self.cfg.trainer.sync.verify and len(exp.batch):
+            diff, moved = self._verify_sync(exp.batch)
+            record.update(sync_max_logprob_diff=diff, sync_policy_moved=moved)
+            if self._recovery_diff is not None:
+                record["sync_recovery_max_logprob_diff"] = self._recovery_diff
+            self._probe, self._recovery_diff = exp.batch, None
+        return judge_problem
+
+    def _log(self, record: dict[str, float], exp: Experience, in_flight: int) -> None:
+        """Write the step's row (metrics.jsonl, wandb), its Ray metrics and its samples."""
+        logging = self.cfg.logging
+        self.logger.log(record)
+        telemetry.record("capo_learner_step_s", record["time_train"], "driver")
+        telemetry.record("capo_weight_sync_s", record["time_sync"], "driver")
+        telemetry.record("capo_step_s", record["time_step"], "driver")
+        telemetry.record("capo_chunks_in_flight", in_flight, "driver")
+        if logging.samples_every and self.step % logging.samples_every == 0:
+            self.logger.write_samples(self.step, exp.samples[: logging.samples_per_step])
+
     def run(self) -> Path:
         """Train until `trainer.total_steps`; returns the run directory."""
         cfg, t = self.cfg, self.cfg.trainer
@@ -650,57 +714,18 @@ class Trainer:
             load_times = self._sync()
             t_end = time.perf_counter()
             self.step += 1
-            time_rollout = sum(s["rollout_seconds"] for s in rollout_stats) / len(self.rollout)
-            record = {
-                "step": self.step,
-                **exp.metrics,
-                **{f"train_{k}": v for k, v in train.items()},
-                "prompts": len({s["uid"] for s in exp.samples}),
-                "responses": len(exp.samples),
-                "chunks_recovered": recovered,
-                "policy_version": self.version,
-                "tokens_per_s": sum(s["rollout_tokens"] for s in rollout_stats)
-                / max(time_rollout, 1e-9),
-                "time_rollout": time_rollout,
-                "time_judge": sum(s["judge_seconds"] for s in judge_stats)
-                / max(len(self.judges), 1),
-                "judge_request_failures": sum(s["judge_request_failures"] for s in judge_stats),
-                "judge_unchecked_steps": sum(s["judge_unchecked_steps"] for s in judge_stats),
-                **judge_token_metrics(judge_stats, sum(s["rollout_tokens"] for s in rollout_stats)),
-                "judge_skipped_responses": sum(s["judge_skipped_responses"] for s in judge_stats),
-                "judge_skipped_tokens": sum(s["judge_skipped_tokens"] for s in judge_stats),
+            times = {
                 "time_train": t_sync - t_train,
                 "time_sync": t_end - t_sync,
                 "time_sync_load": max(load_times),
                 "time_wait": t_train - t0,
                 "time_step": t_end - t0,
             }
-            judge_problem = None
-            if self.judges:
-                self.invalid_steps, judge_problem = invalid_streak_check(
-                    self.invalid_steps,
-                    exp.metrics["judge_invalid_rate"],
-                    cfg.judge.max_invalid_steps,
-                    judge_label(cfg.judge, self.model_path),
-                )
-                record["judge_invalid_steps"] = self.invalid_steps
-            if t.sync.verify and len(exp.batch):
-                diff, moved = self._verify_sync(exp.batch)
-                record.update(sync_max_logprob_diff=diff, sync_policy_moved=moved)
-                if self._recovery_diff is not None:
-                    record["sync_recovery_max_logprob_diff"] = self._recovery_diff
-                self._probe, self._recovery_diff = exp.batch, None
+            record = self._record(exp, train, rollout_stats, judge_stats, recovered, times)
+            judge_problem = self._check_step(record, exp)
             if self.benches and (last or (cfg.eval.every and self.step % cfg.eval.every == 0)):
                 record.update(self._evaluate())
-            self.logger.log(record)
-            telemetry.record("capo_learner_step_s", record["time_train"], "driver")
-            telemetry.record("capo_weight_sync_s", record["time_sync"], "driver")
-            telemetry.record("capo_step_s", record["time_step"], "driver")
-            telemetry.record(
-                "capo_chunks_in_flight", len(pending.chunks) if pending else 0, "driver"
-            )
-            if cfg.logging.samples_every and self.step % cfg.logging.samples_every == 0:
-                self.logger.write_samples(self.step, exp.samples[: cfg.logging.samples_per_step])
+            self._log(record, exp, len(pending.chunks) if pending else 0)
             if save:
                 self._save()
             if t.save_hf_every and self.step % t.save_hf_every == 0:
