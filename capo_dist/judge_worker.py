@@ -291,6 +291,7 @@ class JudgeWorker:
         policy_model_path: str,
         seed: int,
         engine_kwargs: dict | None = None,
+        *,
         log_file: str | None = None,
         prompt: JudgePrompt | None = None,
         skip_truncated: bool = False,
